@@ -1,0 +1,203 @@
+"""The `dosediff` command line: thin argument parsing over the library."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import DoseDiffError
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "dosediff-openkbp.json"
+
+
+def _progress_bar(desc: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=1, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    def update(done: int, total: int, _message: str) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return bar, update
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="predict a dose volume")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ct", type=Path, help="CT image (NRRD, NIfTI, MHA) in HU")
+    src.add_argument("--openkbp", type=Path, help="OpenKBP patient folder (pt_N)")
+    p.add_argument("--structures", type=Path, help=".seg.nrrd or folder of per-ROI masks (with --ct)")
+    p.add_argument("--mapping", type=Path, help='JSON {"model ROI": "structure name"} overriding name matching')
+    p.add_argument("--out", type=Path, required=True, help="dose output (.nrrd/.nii.gz/.mha, or .csv with --openkbp)")
+    p.add_argument("--std-out", type=Path, help="also write the per-voxel standard deviation (needs --samples > 1)")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model card (.json)")
+    p.add_argument("--steps", type=int, default=8, help="DDIM steps (default 8)")
+    p.add_argument("--samples", type=int, default=1, help="samples averaged (default 1)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, reported)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    p.add_argument("--batch-size", type=int, default=None, help="slices per network call (default: fits memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _check_outputs(args) -> None:
+    for path in (args.out, args.std_out):
+        if path is not None and path.exists() and not args.overwrite:
+            raise DoseDiffError(f"Output {path} already exists.", "Choose another path or pass --overwrite.")
+
+
+def cmd_predict(args) -> int:
+    from . import openkbp
+    from .modelcard import load_model
+    from .predict import prepare_case, prepare_openkbp, predict_case
+    from .rois import read_mapping
+    from .runtime import choose_device
+    from .volume import read_structures, read_volume, write_volume
+
+    _check_outputs(args)
+    if args.std_out and args.samples < 2:
+        raise DoseDiffError("--std-out needs at least two samples.", "Add --samples 4 (or more).")
+    device = choose_device(args.device)
+    model, cfg, card = load_model(args.model, device)
+    if args.openkbp:
+        patient = openkbp.read_patient(args.openkbp, with_dose=False)
+        inputs = prepare_openkbp(patient, cfg)
+    else:
+        if args.structures is None:
+            raise DoseDiffError("--ct needs --structures.", "Give a .seg.nrrd or a folder of masks.")
+        mapping = read_mapping(args.mapping) if args.mapping else None
+        inputs = prepare_case(read_volume(args.ct), read_structures(args.structures), cfg, mapping)
+    for w in inputs.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    bar, update = _progress_bar("Predicting dose")
+    try:
+        pred = predict_case(inputs, model, cfg, steps=args.steps, samples=args.samples, seed=args.seed,
+                            device=device, batch_size=args.batch_size, with_std=args.std_out is not None,
+                            progress=update)
+    finally:
+        bar.close()
+    if args.openkbp and args.out.suffix == ".csv":
+        openkbp.write_dose_csv(pred.dose, args.out, args.overwrite)
+    else:
+        write_volume(pred.dose, args.out, args.overwrite)
+    if args.std_out and pred.std is not None:
+        write_volume(pred.std, args.std_out, args.overwrite)
+    info = {k: v for k, v in pred.info.items() if k != "warnings"}
+    print(json.dumps({"output": str(args.out), "model": card["name"], **info}, indent=1))
+    return 0
+
+
+def cmd_init_model(args) -> int:
+    import torch
+
+    from .config import ModelConfig
+    from .mmfnet import MMFNet
+    from .modelcard import save_model
+
+    torch.manual_seed(args.seed)
+    cfg = ModelConfig.preset(args.preset)
+    model = MMFNet(cfg.net)
+    save_model(model, cfg, args.out, {"training": {"status": "untrained: random initialisation"}},
+               half=not args.fp32, overwrite=args.overwrite)
+    print(f"wrote {args.out} and {args.out.with_suffix('.safetensors')}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dosediff",
+        description="DoseDiff dose prediction. For research and planning guidance only: not a treatment "
+                    "planning system dose calculation.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_predict(sub)
+    p = sub.add_parser("init-model", help="write a randomly initialised model and its card")
+    p.add_argument("--preset", default="tiny", help="paper | small | tiny | test")
+    p.add_argument("--out", type=Path, required=True, help="card path (.json)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp32", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("prepare", help="cache OpenKBP patients for training")
+    p.add_argument("--split", action="append", required=True, help="NAME=FOLDER of pt_N folders (repeatable)")
+    p.add_argument("--cache", type=Path, required=True, help="cache folder")
+    p = sub.add_parser("train", help="train on a prepared cache (resumes from RUN/checkpoint.pt)")
+    p.add_argument("--cache", type=Path, required=True)
+    p.add_argument("--run", type=Path, required=True, help="run folder: checkpoint, log, curves, best model")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="training setting, e.g. steps=20000")
+    return parser
+
+
+def cmd_prepare(args) -> int:
+    from tqdm import tqdm
+
+    from .config import ModelConfig
+    from .prepare import prepare
+
+    splits = {}
+    for item in args.split:
+        name, _, folder = item.partition("=")
+        if not folder:
+            raise DoseDiffError(f"--split {item!r} is not NAME=FOLDER.", "Write e.g. --split train=data/train-pats.")
+        splits[name] = Path(folder)
+    bar = tqdm(desc="Caching patients", unit="patient")
+    prepare(splits, args.cache, ModelConfig(), progress=lambda _m: bar.update())
+    bar.close()
+    return 0
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    import torch
+    import torch.distributed as dist
+
+    from .runtime import choose_device
+    from .train import TrainConfig, train
+
+    overrides = {}
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise DoseDiffError(f"Unknown training setting {key!r}.", f"Known: {', '.join(fields)}.")
+        default = getattr(TrainConfig(), key)
+        overrides[key] = type(default)(value)
+    tcfg = TrainConfig(**overrides)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = choose_device(args.device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+    try:
+        card = train(args.cache, args.run, tcfg, device)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    print(f"best model: {card}")
+    return 0
+
+
+COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "train": cmd_train}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except DoseDiffError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The one configuration object: network, conditions, normalisation, schedule, grid.
+
+It is saved inside every model card and read back by training, prediction and the
+Slicer module alike, so no setting can differ between training and prediction (the
+authors' code shipped a 96-vs-128 channel mismatch that way).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+OARS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
+TARGETS = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
+POSSIBLE_DOSE = "possible_dose_mask"
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """MMFNet size. `paper` reproduces the authors' network (about 179.2 M parameters)."""
+
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 1, 2, 3, 4)
+    enc_blocks: int = 2               # decoder uses enc_blocks + 1 per level
+    attention_levels: tuple[int, ...] = (4,)
+    num_heads: int = 4
+    fusion_dim: int = 1024
+    fusion_mlp: int = 2048
+    fusion_head_dim: int = 64
+    fusion_grid: int = 2              # the bottleneck is cut into grid x grid patches
+    image_size: int = 128
+    ct_channels: int = 1
+    cond_channels: int = 20
+    out_channels: int = 1
+    dropout: float = 0.0
+
+
+PRESETS: dict[str, NetConfig] = {
+    "paper": NetConfig(),
+    "small": NetConfig(base_channels=32, fusion_dim=512, fusion_mlp=1024),
+    "tiny": NetConfig(base_channels=16, fusion_dim=256, fusion_mlp=512, num_heads=2),
+    # Only for fast tests: a 32 px image through three levels.
+    "test": NetConfig(base_channels=8, channel_mult=(1, 2, 2), enc_blocks=1, attention_levels=(2,),
+                      num_heads=1, fusion_dim=32, fusion_mlp=64, fusion_head_dim=16, image_size=32),
+}
+
+
+@dataclass(frozen=True)
+class ConditionConfig:
+    """The ordered condition channels, exactly as the network sees them.
+
+    Channel 0 is the PTV image (sum of weight * mask); then a binary mask per entry of
+    `masks`; then a PSDM per entry of `psdms`. `possible_dose_mask` is the OpenKBP
+    possible-dose region, replaced by the body contour on clinical CTs.
+    """
+
+    ptv_weights: tuple[tuple[str, float], ...] = (("PTV70", 1.0), ("PTV63", 0.9), ("PTV56", 0.8))
+    masks: tuple[str, ...] = OARS + (POSSIBLE_DOSE,)
+    psdms: tuple[str, ...] = OARS + (POSSIBLE_DOSE, "PTV70", "PTV63", "PTV56")
+    required: tuple[str, ...] = ("PTV70",)
+
+    @property
+    def n_channels(self) -> int:
+        return 1 + len(self.masks) + len(self.psdms)
+
+    @property
+    def rois(self) -> tuple[str, ...]:
+        names = [n for n, _ in self.ptv_weights] + list(self.masks) + list(self.psdms)
+        return tuple(dict.fromkeys(n for n in names if n != POSSIBLE_DOSE))
+
+    def channel_names(self) -> list[str]:
+        return (["PTV weighted"] + [f"mask:{m}" for m in self.masks]
+                + [f"psdm:{p}" for p in self.psdms])
+
+
+@dataclass(frozen=True)
+class NormConfig:
+    """CT HU clip window and dose scale mapped to [-1, 1] (authors' code values)."""
+
+    ct_min_hu: float = -1024.0
+    ct_max_hu: float = 1476.0
+    dose_max_gy: float = 80.0
+
+    def ct(self, hu):
+        lo, hi = self.ct_min_hu, self.ct_max_hu
+        return (hu.clip(lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
+
+    def dose(self, gy):
+        return gy.clip(0.0, self.dose_max_gy) / self.dose_max_gy * 2.0 - 1.0
+
+    def gy(self, x):
+        return ((x + 1.0) / 2.0 * self.dose_max_gy).clip(0.0, self.dose_max_gy)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    prediction: str = "epsilon"   # epsilon | x0 | v
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The model's in-plane grid for clinical CTs; OpenKBP data already lies on it."""
+
+    spacing_mm: float = 3.906
+    max_spacing_mm: float = 5.5     # coarser than this is outside the training range
+    min_spacing_mm: float = 3.5
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    net: NetConfig = field(default_factory=NetConfig)
+    conditions: ConditionConfig = field(default_factory=ConditionConfig)
+    norm: NormConfig = field(default_factory=NormConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        cond = ConditionConfig()
+        return cls(net=replace(PRESETS[name], cond_channels=cond.n_channels), conditions=cond)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        def build(klass, values):
+            kw = {}
+            for f in fields(klass):
+                if f.name not in values:
+                    continue
+                v = values[f.name]
+                if isinstance(v, list):
+                    v = tuple(tuple(x) if isinstance(x, list) else x for x in v)
+                kw[f.name] = v
+            return klass(**kw)
+
+        return cls(net=build(NetConfig, d.get("net", {})),
+                   conditions=build(ConditionConfig, d.get("conditions", {})),
+                   norm=build(NormConfig, d.get("norm", {})),
+                   diffusion=build(DiffusionConfig, d.get("diffusion", {})),
+                   grid=build(GridConfig, d.get("grid", {})))

@@ -1,0 +1,283 @@
+"""From a CT and its structures to a dose volume on the CT grid.
+
+inputs (CT + structures, checked) -> model grid (cropped to the body, in-plane
+resampled to the model's spacing) -> conditions -> DDIM, slice batches -> dose in Gy
+-> back on the CT grid, zero outside the body.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .conditions import active_slices, build_inputs
+from .config import POSSIBLE_DOSE, ModelConfig
+from .diffusion import Diffusion
+from .errors import Cancelled, DoseDiffError
+from .mmfnet import MMFNet
+from .openkbp import OpenKBPPatient
+from .rois import BODY, match_rois, unmatched_targets
+from .runtime import batch_size_for
+from .volume import IDENTITY, Grid, Volume, resample, resample_mask, to_axial
+
+log = logging.getLogger(__name__)
+
+# progress(done, total, message) -> False to cancel
+Progress = Callable[[int, int, str], "bool | None"]
+BODY_THRESHOLD_HU = -350.0
+
+
+@dataclass
+class ModelInputs:
+    """One case on the model's grid, and what is needed to return to the CT grid."""
+
+    ct: Volume                       # HU, model grid
+    masks: dict[str, Volume]         # model ROI names + possible_dose_mask, model grid
+    ct_grid: Grid                    # the CT reoriented to axial LPS
+    body_on_ct: np.ndarray           # where dose may be non-zero, on ct_grid
+    resampled: bool
+    matched: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    output_grid: Grid | None = None  # the CT as given, when its orientation differed
+
+
+@dataclass
+class Prediction:
+    dose: Volume                     # Gy on the CT grid
+    std: Volume | None               # per-voxel standard deviation over samples, Gy
+    info: dict
+
+
+def _warn(warnings: list[str], message: str) -> None:
+    log.warning(message)
+    warnings.append(message)
+
+
+def check_ct(ct: Volume) -> None:
+    """Refuse CTs that would silently give a wrong dose."""
+    a = ct.array
+    if not np.isfinite(a).all():
+        n = int((~np.isfinite(a)).sum())
+        raise DoseDiffError(f"The CT has {n} NaN or infinite voxels.",
+                            "Re-export the CT; fill missing voxels with -1000 HU (air) if they are padding.")
+    lo, hi = float(a.min()), float(a.max())
+    if hi - lo < 50:
+        raise DoseDiffError(f"The CT is nearly constant ({lo:g} to {hi:g}).", "Check that this is the planning CT.")
+    if lo >= -10 and hi > 500:
+        raise DoseDiffError(
+            f"The CT is not in Hounsfield units: values run from {lo:g} to {hi:g}, with no air near -1000 "
+            "(typical of stored values without the DICOM rescale, or of HU+1024 data).",
+            "Apply the rescale slope/intercept (usually -1024) when exporting the CT, or subtract 1024.")
+    if hi <= 10 and lo >= -10:
+        raise DoseDiffError(f"The CT looks normalised ({lo:g} to {hi:g}), not in HU.",
+                            "Give the original CT in Hounsfield units.")
+
+
+def body_from_ct(ct: Volume, threshold_hu: float = BODY_THRESHOLD_HU) -> np.ndarray:
+    """Body contour by thresholding: the largest connected component, holes filled per slice."""
+    fg = ct.array > threshold_hu
+    fg = ndimage.binary_opening(fg, iterations=1)
+    lab, n = ndimage.label(fg)
+    if n == 0:
+        raise DoseDiffError(f"No body found in the CT above {threshold_hu:g} HU.",
+                            "Give a BODY/External structure.")
+    sizes = ndimage.sum_labels(fg, lab, index=np.arange(1, n + 1))
+    body = lab == (1 + int(np.argmax(sizes)))
+    for k in range(body.shape[0]):
+        if body[k].any():
+            body[k] = ndimage.binary_fill_holes(body[k])
+    return body.astype(np.uint8)
+
+
+def _structures_on_ct(ct: Volume, structures: Mapping[str, Volume], warnings: list[str]) -> dict[str, Volume]:
+    out = {}
+    for name, mask in structures.items():
+        mask = to_axial(mask, is_label=True)
+        if mask.grid.close_to(ct.grid):
+            out[name] = Volume.on_grid((mask.array != 0).astype(np.uint8), ct.grid)
+            continue
+        before = float((mask.array != 0).sum()) * mask.grid.voxel_volume_mm3()
+        on_ct = resample_mask(mask, ct.grid)
+        after = float(on_ct.array.sum()) * ct.grid.voxel_volume_mm3()
+        if before > 0 and after == 0:
+            raise DoseDiffError(f"Structure {name!r} lies entirely outside the CT.",
+                                "Check that the structures belong to this CT (same patient, same frame of reference).")
+        _warn(warnings, f"Structure {name!r} was on another grid; resampled to the CT grid "
+                        f"({before / 1000:.1f} -> {after / 1000:.1f} cm3).")
+        if before > 0 and after < 0.95 * before:
+            _warn(warnings, f"Structure {name!r} extends beyond the CT: {100 * (1 - after / before):.0f}% "
+                            "of its volume is outside the image.")
+        out[name] = on_ct
+    return out
+
+
+def _select_rois(masks: Mapping[str, Volume], cfg: ModelConfig, mapping: Mapping[str, str | None] | None,
+                 warnings: list[str]) -> tuple[dict[str, Volume], dict[str, str]]:
+    """Match names, then refuse missing targets and warn about missing organs."""
+    wanted = list(cfg.conditions.rois)
+    matched = match_rois(masks.keys(), wanted, mapping)
+    for n in unmatched_targets(masks.keys(), matched):
+        _warn(warnings, f"Structure {n!r} looks like a target but matches none of the model's "
+                        f"targets ({', '.join(t for t, _ in cfg.conditions.ptv_weights)}); it is ignored. "
+                        "Map it in a mapping file only if its prescription really corresponds.")
+    chosen: dict[str, Volume] = {}
+    for roi, name in matched.items():
+        if not masks[name].array.any():
+            _warn(warnings, f"Structure {name!r} ({roi}) is empty; treated as absent.")
+            continue
+        chosen[roi] = masks[name]
+    targets = [t for t, _ in cfg.conditions.ptv_weights]
+    if not any(t in chosen for t in targets):
+        raise DoseDiffError(
+            f"No target found: none of the structures ({', '.join(masks) or 'none'}) is a non-empty "
+            f"{'/'.join(targets)}.",
+            'Name the targets PTV70/PTV63/PTV56 (e.g. "PTV_70", "PTV 70Gy") or give a mapping file '
+            '{"PTV70": "<your name>"}.')
+    for roi in cfg.conditions.required:
+        if roi not in chosen:
+            raise DoseDiffError(f"The model requires {roi}, which is missing or empty.",
+                                f'Add the structure or map it: {{"{roi}": "<your name>"}}.')
+    for roi in wanted:
+        if roi not in chosen and roi not in cfg.conditions.required:
+            _warn(warnings, f"{roi} not found; its channels are zero (the model was trained with absent organs "
+                            "this way, but the dose near it is then unconstrained).")
+    return chosen, matched
+
+
+def model_grid(ct: Volume, body: np.ndarray, cfg: ModelConfig, warnings: list[str]) -> Grid:
+    """An axial grid of image_size^2 pixels centred on the body, at the model's spacing."""
+    n = cfg.net.image_size
+    k, j, i = np.nonzero(body)
+    pts = ct.grid.physical(np.array([[i.min(), j.min(), 0], [i.max(), j.max(), 0]], float))
+    lo, hi = pts.min(0), pts.max(0)
+    extent = float((hi - lo)[:2].max()) + 2 * max(ct.spacing[:2])
+    s = max(cfg.grid.spacing_mm, extent / (n - 4))
+    if s > cfg.grid.max_spacing_mm:
+        _warn(warnings, f"The body is {extent / 10:.0f} cm wide: the model grid is coarsened to {s:.2f} mm, "
+                        f"outside the training range ({cfg.grid.min_spacing_mm}-{cfg.grid.max_spacing_mm} mm).")
+    centre = (lo + hi) / 2
+    origin = (centre[0] - (n - 1) / 2 * s, centre[1] - (n - 1) / 2 * s, ct.origin[2])
+    return Grid((ct.grid.shape[0], n, n), (s, s, ct.spacing[2]), origin, IDENTITY)
+
+
+def prepare_case(ct: Volume, structures: Mapping[str, Volume], cfg: ModelConfig,
+                 mapping: Mapping[str, str | None] | None = None) -> ModelInputs:
+    """Check a clinical CT and structures and put them on the model's grid."""
+    warnings: list[str] = []
+    given = ct.grid
+    ct = to_axial(ct)
+    check_ct(ct)
+    on_ct = _structures_on_ct(ct, structures, warnings)
+    chosen, matched = _select_rois(on_ct, cfg, mapping, warnings)
+    body_name = match_rois(on_ct.keys(), [BODY], {k: v for k, v in (mapping or {}).items() if k == BODY}).get(BODY)
+    if body_name and on_ct[body_name].array.any():
+        body = on_ct[body_name].array.astype(np.uint8)
+        matched[BODY] = body_name
+    else:
+        body = body_from_ct(ct)
+        _warn(warnings, f"No BODY/External structure: body contour thresholded from the CT at {BODY_THRESHOLD_HU:g} HU.")
+    for roi, m in chosen.items():
+        if (m.array & ~body.astype(bool)).sum() > 0.05 * m.array.sum():
+            _warn(warnings, f"{roi} lies partly outside the body contour; dose there is set to zero.")
+    grid = model_grid(ct, body, cfg, warnings)
+    ct_m = resample(ct, grid, "linear", default=-1024.0)
+    masks_m = {roi: resample_mask(m, grid) for roi, m in chosen.items()}
+    masks_m[POSSIBLE_DOSE] = resample_mask(ct.with_array(body), grid)
+    return ModelInputs(ct_m, masks_m, ct.grid, body, True, matched, warnings,
+                       None if given == ct.grid else given)
+
+
+def prepare_openkbp(patient: OpenKBPPatient, cfg: ModelConfig) -> ModelInputs:
+    """OpenKBP patients already lie on the model's grid; no resampling."""
+    if patient.ct.array.shape[1:] != (cfg.net.image_size,) * 2:
+        raise DoseDiffError(f"The model takes {cfg.net.image_size} px slices; OpenKBP slices are 128 px.",
+                            "Use a model trained on OpenKBP-sized slices.")
+    warnings: list[str] = []
+    check_ct(patient.ct)
+    chosen, matched = _select_rois(patient.masks, cfg, None, warnings)
+    masks = dict(chosen)
+    masks[POSSIBLE_DOSE] = patient.possible_dose
+    return ModelInputs(patient.ct, masks, patient.ct.grid, patient.possible_dose.array, False, matched, warnings)
+
+
+def sample_dose(model: MMFNet, cfg: ModelConfig, ct_n: np.ndarray, cond: np.ndarray, slices: np.ndarray,
+                steps: int = 8, samples: int = 1, seed: int = 0, device: torch.device | str = "cpu",
+                batch_size: int | None = None, eta: float = 0.0,
+                progress: Progress | None = None) -> np.ndarray:
+    """DDIM samples for the given slices, in network units, shape (samples, Z, H, W).
+
+    Each sample's noise is drawn for all slices at once from seed + sample index, so the
+    result does not depend on the batch size.
+    """
+    device = torch.device(device)
+    diffusion = Diffusion(cfg.diffusion)
+    z, h, w = ct_n.shape
+    batch = batch_size or batch_size_for(cfg.net, device)
+    out = np.full((samples, z, h, w), -1.0, np.float32)
+    n_batches = -(-len(slices) // batch)
+    total, done = samples * n_batches * steps, 0
+
+    def tick(_i: int, _n: int) -> None:
+        nonlocal done
+        done += 1
+        if progress is not None and progress(done, total, f"DDIM step {done}/{total}") is False:
+            raise Cancelled("prediction cancelled")
+
+    param_dtype = next(model.parameters()).dtype
+    with torch.inference_mode():
+        for s in range(samples):
+            g = torch.Generator().manual_seed(int(seed) + s)
+            noise = torch.randn((len(slices), 1, h, w), generator=g)
+            for b0 in range(0, len(slices), batch):
+                idx = slices[b0:b0 + batch]
+                ct_t = torch.from_numpy(ct_n[idx][:, None]).to(device, param_dtype)
+                cond_t = torch.from_numpy(cond[idx]).to(device, param_dtype)
+                x = diffusion.ddim_sample(lambda x, t: model(x, t, ct_t, cond_t), (len(idx), 1, h, w),
+                                          steps=steps, eta=eta, generator=g, device=device,
+                                          dtype=param_dtype, x_T=noise[b0:b0 + batch], on_step=tick)
+                out[s, idx] = x[:, 0].float().cpu().numpy()
+    return out
+
+
+def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: int = 8, samples: int = 1,
+                 seed: int | None = None, device: torch.device | str = "cpu", batch_size: int | None = None,
+                 with_std: bool = False, progress: Progress | None = None) -> Prediction:
+    if samples < 1 or steps < 1:
+        raise DoseDiffError("Steps and samples must be at least 1.")
+    if seed is None:
+        seed = int.from_bytes(os.urandom(4), "little")
+    t0 = time.perf_counter()
+    ct_n, cond = build_inputs(inputs.ct, inputs.masks, cfg)
+    pdm = inputs.masks[POSSIBLE_DOSE].array
+    slices = active_slices(pdm)
+    t1 = time.perf_counter()
+    x = sample_dose(model, cfg, ct_n, cond, slices, steps, samples, seed, device, batch_size, progress=progress)
+    t2 = time.perf_counter()
+    gy = cfg.norm.gy(x) * pdm[None].astype(np.float32)
+    mean = gy.mean(0)
+    std = gy.std(0) if (with_std and samples > 1) else None
+    dose = _to_ct_grid(inputs, mean)
+    std_v = _to_ct_grid(inputs, std) if std is not None else None
+    info = {"seed": seed, "steps": steps, "samples": samples, "slices_predicted": int(len(slices)),
+            "device": str(device), "seconds_conditions": round(t1 - t0, 3),
+            "seconds_sampling": round(t2 - t1, 3), "matched_rois": inputs.matched,
+            "warnings": list(inputs.warnings), "model_grid_spacing_mm": list(inputs.ct.spacing)}
+    return Prediction(dose, std_v, info)
+
+
+def _to_ct_grid(inputs: ModelInputs, arr: np.ndarray) -> Volume:
+    on_model = inputs.ct.with_array(arr.astype(np.float32))
+    if inputs.resampled:
+        on_ct = resample(on_model, inputs.ct_grid, "linear", default=0.0).array
+    else:
+        on_ct = on_model.array
+    out = Volume.on_grid((on_ct * (inputs.body_on_ct > 0)).astype(np.float32), inputs.ct_grid)
+    if inputs.output_grid is not None:  # voxel centres coincide: linear is exact here
+        out = resample(out, inputs.output_grid, "linear", default=0.0)
+    return out

@@ -1,0 +1,317 @@
+"""Volumes with their geometry, and the files they come from and go to.
+
+Every array in DoseDiff travels inside a `Volume`: the voxels in (z, y, x) order, as
+SimpleITK and Slicer's arrayFromVolume give them, plus spacing, origin and direction in
+LPS millimetres (x, y, z order). Nothing downstream guesses geometry.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import SimpleITK as sitk
+
+from .errors import DoseDiffError
+
+log = logging.getLogger(__name__)
+
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+VOLUME_SUFFIXES = (".seg.nrrd", ".nrrd", ".nhdr", ".nii.gz", ".nii", ".mha", ".mhd")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel lattice: shape (z, y, x), spacing/origin (x, y, z) mm, direction row-major 3x3."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = IDENTITY
+
+    def matrix(self) -> np.ndarray:
+        """4x4 index (i, j, k) -> LPS mm."""
+        m = np.eye(4)
+        m[:3, :3] = np.asarray(self.direction).reshape(3, 3) * np.asarray(self.spacing)[None, :]
+        m[:3, 3] = self.origin
+        return m
+
+    def physical(self, ijk: np.ndarray) -> np.ndarray:
+        ijk = np.atleast_2d(np.asarray(ijk, float))
+        m = self.matrix()
+        return ijk @ m[:3, :3].T + m[:3, 3]
+
+    def close_to(self, other: "Grid", tol_mm: float = 1e-3) -> bool:
+        if self.shape != other.shape:
+            return False
+        corners = np.array([[0, 0, 0], [s - 1 for s in self.shape[::-1]]], float)
+        return bool(np.abs(self.physical(corners) - other.physical(corners)).max() <= tol_mm
+                    and np.allclose(self.direction, other.direction, atol=1e-5))
+
+    def is_axis_aligned(self) -> bool:
+        d = np.abs(np.asarray(self.direction).reshape(3, 3))
+        return bool(np.allclose(np.sort(d, axis=0)[:2], 0, atol=1e-6))
+
+    def voxel_volume_mm3(self) -> float:
+        return float(np.prod(self.spacing))
+
+
+@dataclass
+class Volume:
+    array: np.ndarray
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = IDENTITY
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.array.ndim != 3:
+            raise DoseDiffError(f"Expected a 3-D volume, got an array of shape {self.array.shape}.",
+                                "Give a single 3-D image (one time point, one component).")
+        self.spacing = tuple(float(s) for s in self.spacing)
+        self.origin = tuple(float(o) for o in self.origin)
+        self.direction = tuple(float(d) for d in self.direction)
+
+    @property
+    def grid(self) -> Grid:
+        return Grid(tuple(int(s) for s in self.array.shape), self.spacing, self.origin, self.direction)
+
+    @classmethod
+    def on_grid(cls, array: np.ndarray, grid: Grid) -> "Volume":
+        if tuple(array.shape) != grid.shape:
+            raise ValueError(f"array shape {array.shape} does not match grid {grid.shape}")
+        return cls(array, grid.spacing, grid.origin, grid.direction)
+
+    def with_array(self, array: np.ndarray) -> "Volume":
+        return Volume.on_grid(array, self.grid)
+
+    def to_sitk(self) -> sitk.Image:
+        img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
+        img.SetSpacing(self.spacing)
+        img.SetOrigin(self.origin)
+        img.SetDirection(self.direction)
+        return img
+
+    @classmethod
+    def from_sitk(cls, img: sitk.Image) -> "Volume":
+        return cls(sitk.GetArrayFromImage(img), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
+
+
+def _sitk_read(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise DoseDiffError(f"File not found: {path}.", "Check the path and its spelling.")
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unknown reader error"
+        raise DoseDiffError(
+            f"Cannot read {path}: the file is unreadable or truncated ({first}).",
+            "Re-export the image as NRRD, NIfTI or MHA and check the copy finished.") from None
+
+
+def read_volume(path: str | os.PathLike) -> Volume:
+    """Read an NRRD, NIfTI or MHA image, reoriented to an axial LPS grid."""
+    img = _sitk_read(Path(path))
+    if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
+        raise DoseDiffError(f"{path} is not a scalar 3-D image (dimension {img.GetDimension()}, "
+                            f"{img.GetNumberOfComponentsPerPixel()} components).",
+                            "Give a single-component 3-D volume.")
+    return to_axial(Volume.from_sitk(img))
+
+
+def to_axial(vol: Volume, is_label: bool = False) -> Volume:
+    """Return the volume on an LPS axis-aligned grid (z = slice axis).
+
+    A flipped or permuted axis is reordered exactly (no interpolation); an oblique
+    direction is resampled onto the axial grid that covers the same box, with a warning.
+    """
+    grid = vol.grid
+    if np.allclose(grid.direction, IDENTITY, atol=1e-6):
+        return vol
+    if grid.is_axis_aligned():
+        out = Volume.from_sitk(sitk.DICOMOrient(vol.to_sitk(), "LPS"))
+        out.meta = dict(vol.meta)
+        return out
+    log.warning("Oblique image direction %s: resampling to an axial grid.",
+                np.round(grid.direction, 3).tolist())
+    shape_xyz = np.array(grid.shape[::-1])
+    corners = np.array([[i, j, k] for i in (0, shape_xyz[0] - 1) for j in (0, shape_xyz[1] - 1)
+                        for k in (0, shape_xyz[2] - 1)], float)
+    pts = grid.physical(corners)
+    lo, hi = pts.min(0), pts.max(0)
+    spacing = np.full(3, min(grid.spacing[:2]))
+    spacing[2] = grid.spacing[2]
+    size = np.maximum(np.ceil((hi - lo) / spacing).astype(int) + 1, 1)
+    target = Grid(tuple(int(s) for s in size[::-1]), tuple(spacing), tuple(lo), IDENTITY)
+    out = resample(vol, target, "nearest" if is_label else "linear",
+                   default=0 if is_label else float(np.min(vol.array)))
+    out.meta = dict(vol.meta)
+    return out
+
+
+_INTERP = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
+
+
+def resample(vol: Volume, grid: Grid, kind: str = "linear", default: float = 0.0) -> Volume:
+    """Resample onto another grid; `kind` is nearest, linear or bspline."""
+    f = sitk.ResampleImageFilter()
+    f.SetSize([int(s) for s in grid.shape[::-1]])
+    f.SetOutputSpacing(grid.spacing)
+    f.SetOutputOrigin(grid.origin)
+    f.SetOutputDirection(grid.direction)
+    f.SetInterpolator(_INTERP[kind])
+    f.SetDefaultPixelValue(float(default))
+    src = vol.to_sitk()
+    if kind != "nearest" and vol.array.dtype.kind in "biu":
+        src = sitk.Cast(src, sitk.sitkFloat32)
+    return Volume.from_sitk(f.Execute(src))
+
+
+def resample_mask(mask: Volume, grid: Grid) -> Volume:
+    """Resample a binary mask by linear interpolation of its indicator at 0.5.
+
+    Nearest neighbour drops thin structures when the target grid is coarser; the
+    half-way threshold keeps the resampled volume unbiased.
+    """
+    frac = resample(mask.with_array(mask.array.astype(np.float32)), grid, "linear")
+    return frac.with_array((frac.array >= 0.5).astype(np.uint8))
+
+
+def _atomic_target(path: Path, overwrite: bool) -> Path:
+    if path.exists() and not overwrite:
+        raise DoseDiffError(f"Output {path} already exists.",
+                            "Choose another output path or pass --overwrite.")
+    if not path.parent.exists():
+        raise DoseDiffError(f"Output folder {path.parent} does not exist.", "Create it first.")
+    return path
+
+
+def atomic_write(path: str | os.PathLike, writer, overwrite: bool = False) -> Path:
+    """Call writer(tmp_path) then rename onto `path`, so a crash never leaves half a file."""
+    path = _atomic_target(Path(path), overwrite)
+    suffix = next((s for s in VOLUME_SUFFIXES if path.name.endswith(s)), path.suffix)
+    fd, tmp = tempfile.mkstemp(prefix=".dosediff-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        writer(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_volume(vol: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
+    img = vol.to_sitk()
+    return atomic_write(path, lambda p: sitk.WriteImage(img, str(p), useCompression=True), overwrite)
+
+
+# --- structures -------------------------------------------------------------------
+
+def read_structures(path: str | os.PathLike, reference: Grid | None = None) -> dict[str, Volume]:
+    """Read a Slicer .seg.nrrd or a folder of per-ROI mask images into binary masks."""
+    path = Path(path)
+    if path.is_dir():
+        masks = read_mask_folder(path)
+    elif path.name.endswith((".seg.nrrd", ".nrrd")):
+        masks = read_segmentation(path)
+    else:
+        masks = {_stem(path): _binary(read_volume(path))}
+    if not masks:
+        raise DoseDiffError(f"No structures found in {path}.",
+                            "Give a .seg.nrrd or a folder with one mask image per ROI.")
+    return masks
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for s in VOLUME_SUFFIXES:
+        if name.endswith(s):
+            return name[: -len(s)]
+    return path.stem
+
+
+def _binary(vol: Volume) -> Volume:
+    return vol.with_array((vol.array != 0).astype(np.uint8))
+
+
+def read_mask_folder(folder: Path) -> dict[str, Volume]:
+    masks = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name.endswith(VOLUME_SUFFIXES) and not f.name.startswith("."):
+            masks[_stem(f)] = _binary(read_volume(f))
+    return masks
+
+
+def read_segmentation(path: Path) -> dict[str, Volume]:
+    """Read a Slicer segmentation (.seg.nrrd), keeping segment names.
+
+    Handles shared-labelmap layers (Segment<i>_Layer / _LabelValue) and the older
+    one-segment-per-layer files without label values.
+    """
+    img = _sitk_read(path)
+    keys = set(img.GetMetaDataKeys())
+    meta = {k: img.GetMetaData(k) for k in keys}
+    n_comp = img.GetNumberOfComponentsPerPixel()
+    if img.GetDimension() == 4:
+        arr4 = sitk.GetArrayFromImage(img)  # (layer, z, y, x)
+        base = sitk.Extract(img, list(img.GetSize()[:3]) + [0], [0, 0, 0, 0])
+        layers = [arr4[i] for i in range(arr4.shape[0])]
+    elif n_comp > 1:
+        arr = sitk.GetArrayFromImage(img)  # (z, y, x, c)
+        base = sitk.VectorIndexSelectionCast(img, 0)
+        layers = [arr[..., i] for i in range(n_comp)]
+    else:
+        base = img
+        layers = [sitk.GetArrayFromImage(img)]
+    geometry = Volume.from_sitk(base)
+    indices = sorted({int(m.group(1)) for k in keys if (m := re.match(r"Segment(\d+)_Name$", k))})
+    masks: dict[str, Volume] = {}
+    if not indices:  # a plain labelmap NRRD: one mask per label value
+        for value in np.unique(layers[0]):
+            if value != 0:
+                masks[f"label_{int(value)}"] = geometry.with_array((layers[0] == value).astype(np.uint8))
+    for i in indices:
+        name = meta[f"Segment{i}_Name"]
+        layer = int(meta.get(f"Segment{i}_Layer", i if len(layers) > 1 else 0))
+        label = int(meta.get(f"Segment{i}_LabelValue", 1))
+        if layer >= len(layers):
+            raise DoseDiffError(f"Segment {name!r} in {path} points to layer {layer}, "
+                                f"but the file has {len(layers)}.", "Re-save the segmentation from Slicer.")
+        masks[name] = geometry.with_array((layers[layer] == label).astype(np.uint8))
+    return {k: to_axial(v, is_label=True) for k, v in masks.items()}
+
+
+def write_segmentation(masks: Mapping[str, Volume], path: str | os.PathLike,
+                       overwrite: bool = False) -> Path:
+    """Write masks as a Slicer .seg.nrrd, one layer per segment (overlaps allowed)."""
+    names = list(masks)
+    if not names:
+        raise DoseDiffError("No segments to write.")
+    grid = masks[names[0]].grid
+    for n in names:
+        if masks[n].grid != grid:
+            raise ValueError(f"segment {n} is on another grid")
+    stack = np.stack([(masks[n].array != 0).astype(np.uint8) for n in names], axis=-1)
+    img = sitk.GetImageFromArray(stack, isVector=True)
+    img.SetSpacing(grid.spacing)
+    img.SetOrigin(grid.origin)
+    img.SetDirection(grid.direction)
+    colours = [(0.9, 0.3, 0.2), (0.2, 0.6, 0.9), (0.3, 0.8, 0.3), (0.9, 0.8, 0.2), (0.7, 0.4, 0.8)]
+    for i, n in enumerate(names):
+        c = colours[i % len(colours)]
+        img.SetMetaData(f"Segment{i}_ID", f"Segment_{i + 1}")
+        img.SetMetaData(f"Segment{i}_Name", n)
+        img.SetMetaData(f"Segment{i}_Layer", str(i))
+        img.SetMetaData(f"Segment{i}_LabelValue", "1")
+        img.SetMetaData(f"Segment{i}_Color", " ".join(f"{v:.3f}" for v in c))
+        img.SetMetaData(f"Segment{i}_Extent", " ".join(
+            f"0 {s - 1}" for s in grid.shape[::-1]))
+    img.SetMetaData("Segmentation_MasterRepresentation", "Binary labelmap")
+    img.SetMetaData("Segmentation_ContainedRepresentationNames", "Binary labelmap|")
+    return atomic_write(path, lambda p: sitk.WriteImage(img, str(p), useCompression=True), overwrite)

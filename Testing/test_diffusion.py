@@ -1,0 +1,114 @@
+"""DDIM and schedule algebra against closed forms."""
+import math
+
+import pytest
+import torch
+
+from DoseDiffLib.config import DiffusionConfig
+from DoseDiffLib.diffusion import Diffusion
+
+
+def test_linear_schedule_end_points():
+    d = Diffusion()
+    assert d.betas[0].item() == pytest.approx(1e-4)
+    assert d.betas[-1].item() == pytest.approx(0.02)
+    assert d.alpha_bar[-1].item() == pytest.approx(4.04e-5, rel=0.01)
+    # closed form of the product
+    expected = math.prod(1 - (1e-4 + (0.02 - 1e-4) * i / 999) for i in range(1000))
+    assert d.alpha_bar[-1].item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_ddim_timesteps_match_the_authors_spacing():
+    d = Diffusion()
+    assert d.ddim_timesteps(8) == [875, 750, 625, 500, 375, 250, 125, 0]
+    assert d.ddim_timesteps(1) == [0]
+    with pytest.raises(ValueError):
+        d.ddim_timesteps(0)
+
+
+def _oracle(d: Diffusion, x0: torch.Tensor):
+    """A perfect network: recovers the target from x_t knowing x0."""
+    def fn(x_t, t):
+        ab = d.alpha_bar[t].to(x_t.dtype).reshape(-1, 1, 1, 1)
+        eps = (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+        return d.target(x0, t, eps)
+    return fn
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+@pytest.mark.parametrize("steps", [1, 8, 50])
+def test_ddim_with_oracle_returns_x0(prediction, steps):
+    d = Diffusion(DiffusionConfig(prediction=prediction))
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand((2, 1, 8, 8), generator=g, dtype=torch.float64) * 2 - 1
+    out = d.ddim_sample(_oracle(d, x0), x0.shape, steps=steps, eta=0.0, generator=g, dtype=torch.float64)
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_ddim_with_eta_still_lands_on_x0_for_an_oracle():
+    d = Diffusion()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.rand((1, 1, 4, 4), generator=g, dtype=torch.float64) * 2 - 1
+    out = d.ddim_sample(_oracle(d, x0), x0.shape, steps=8, eta=1.0, generator=g, dtype=torch.float64)
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_one_ddim_step_matches_equation_12():
+    """x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev) eps for eta = 0."""
+    d = Diffusion()
+    x_t = torch.full((1, 1, 2, 2), 0.3, dtype=torch.float64)
+    eps_const = 0.2
+    ab_t, ab_prev = d.alpha_bar[500].item(), d.alpha_bar[0].item()
+    x0 = (0.3 - math.sqrt(1 - ab_t) * eps_const) / math.sqrt(ab_t)
+    x0c = max(-1.0, min(1.0, x0))
+    eps_c = (0.3 - math.sqrt(ab_t) * x0c) / math.sqrt(1 - ab_t)
+    expected = math.sqrt(ab_prev) * x0c + math.sqrt(1 - ab_prev) * eps_c
+    # two steps: 500 -> 0, then 0 -> final (x0 at t=0)
+    seen = []
+
+    def fn(x, t):
+        seen.append(int(t[0]))
+        return torch.full_like(x, eps_const)
+    d2 = Diffusion()
+    d2.ddim_timesteps = lambda s: [500, 0]
+    out = d2.ddim_sample(fn, x_t.shape, steps=2, x_T=x_t, dtype=torch.float64, clamp=True)
+    assert seen == [500, 0]
+    # the last step returns its clamped x0 from the state after the first step
+    ab0 = d.alpha_bar[0].item()
+    x0_last = (expected - math.sqrt(1 - ab0) * eps_const) / math.sqrt(ab0)
+    assert out[0, 0, 0, 0].item() == pytest.approx(max(-1, min(1, x0_last)), abs=1e-9)
+
+
+def test_q_sample_closed_form_and_target_consistency():
+    d = Diffusion(DiffusionConfig(prediction="v"))
+    x0 = torch.tensor([[[[0.5]]]], dtype=torch.float64)
+    eps = torch.tensor([[[[-1.0]]]], dtype=torch.float64)
+    t = torch.tensor([300])
+    ab = d.alpha_bar[300].item()
+    x_t = d.q_sample(x0, t, eps)
+    assert x_t.item() == pytest.approx(math.sqrt(ab) * 0.5 - math.sqrt(1 - ab))
+    x0_back, eps_back = d.split(d.target(x0, t, eps), x_t, t)
+    assert x0_back.item() == pytest.approx(0.5) and eps_back.item() == pytest.approx(-1.0)
+
+
+def test_same_seed_same_sample_different_seed_different():
+    d = Diffusion()
+    fn = lambda x, t: 0.5 * x  # noqa: E731
+    a = d.ddim_sample(fn, (1, 1, 4, 4), generator=torch.Generator().manual_seed(7))
+    b = d.ddim_sample(fn, (1, 1, 4, 4), generator=torch.Generator().manual_seed(7))
+    c = d.ddim_sample(fn, (1, 1, 4, 4), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_training_loss_is_zero_for_an_oracle():
+    d = Diffusion()
+    x0 = torch.rand((4, 1, 8, 8)) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    seen = {}
+
+    def fn(x_t, t):
+        ab = d.alpha_bar[t].float().reshape(-1, 1, 1, 1)
+        seen["t"] = t
+        return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+    assert d.loss(fn, x0, generator=g).item() < 1e-8
+    assert seen["t"].min() >= 0 and seen["t"].max() < 1000

@@ -1,0 +1,147 @@
+"""Prediction: geometry of the output, determinism, and every bad input named clearly."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from DoseDiffLib.conditions import build_inputs
+from DoseDiffLib.config import POSSIBLE_DOSE
+from DoseDiffLib.errors import Cancelled, DoseDiffError
+from DoseDiffLib.modelcard import load_model
+from DoseDiffLib.predict import predict_case, prepare_case
+from DoseDiffLib.prepare import CACHE_ROIS, conditions_from_psdm
+from DoseDiffLib.psdm import psdm
+from DoseDiffLib.volume import Grid, Volume, resample_mask
+
+
+@pytest.fixture(scope="module")
+def model(test_card):
+    return load_model(test_card)
+
+
+def run(model, ct, masks, **kw):
+    net, cfg, _ = model
+    inputs = prepare_case(ct, masks, cfg, kw.pop("mapping", None))
+    return inputs, predict_case(inputs, net, cfg, **{"steps": 2, "seed": 3, **kw})
+
+
+def test_dose_is_on_the_ct_grid_in_gy_and_zero_outside_the_body(model, phantom):
+    ct, masks = phantom
+    _, pred = run(model, ct, masks)
+    assert pred.dose.grid == ct.grid
+    d = pred.dose.array
+    assert np.isfinite(d).all() and d.min() >= 0 and d.max() <= 80
+    assert not d[masks["BODY"].array == 0].any()
+    assert d[masks["BODY"].array == 1].any()
+    assert pred.info["seed"] == 3 and pred.info["matched_rois"]["PTV70"] == "PTV70"
+
+
+def test_same_seed_same_dose_and_batch_size_does_not_matter(model, phantom):
+    ct, masks = phantom
+    _, a = run(model, ct, masks, batch_size=1)
+    _, b = run(model, ct, masks, batch_size=7)
+    _, c = run(model, ct, masks, seed=4)
+    np.testing.assert_allclose(a.dose.array, b.dose.array, atol=1e-4)
+    assert np.abs(a.dose.array - c.dose.array).max() > 1e-3
+
+
+def flip(v: Volume) -> Volume:
+    return Volume.from_sitk(sitk.Flip(v.to_sitk(), [True, True, False]))
+
+
+def test_flipped_input_gives_the_same_physical_dose_on_the_input_geometry(model, phantom):
+    ct, masks = phantom
+    _, ref = run(model, ct, masks)
+    _, got = run(model, flip(ct), {k: flip(v) for k, v in masks.items()})
+    assert got.dose.grid == flip(ct).grid
+    np.testing.assert_allclose(flip(got.dose).array, ref.dose.array, atol=1e-3)
+
+
+def test_structures_on_another_grid_are_resampled_with_a_warning(model, phantom):
+    ct, masks = phantom
+    g = ct.grid
+    fine = Grid((g.shape[0], g.shape[1] * 2, g.shape[2] * 2), (g.spacing[0] / 2, g.spacing[1] / 2, g.spacing[2]),
+                (g.origin[0] - g.spacing[0] / 4, g.origin[1] - g.spacing[1] / 4, g.origin[2]))
+    moved = dict(masks)
+    moved["PTV70"] = resample_mask(masks["PTV70"], fine)
+    inputs, _ = run(model, ct, moved)
+    assert any("another grid" in w and "PTV70" in w for w in inputs.warnings)
+
+
+def test_structure_outside_the_ct_is_an_error(model, phantom):
+    ct, masks = phantom
+    far = masks["Larynx"]
+    moved = dict(masks, Larynx=Volume(far.array, far.spacing, (far.origin[0] + 1000, *far.origin[1:])))
+    with pytest.raises(DoseDiffError, match="entirely outside the CT"):
+        run(model, ct, moved)
+
+
+def test_empty_and_missing_organs_warn_and_become_zero_channels(model, phantom):
+    ct, masks = phantom
+    m = dict(masks)
+    m["Larynx"] = m["Larynx"].with_array(np.zeros_like(m["Larynx"].array))
+    del m["Mandible"]
+    inputs, _ = run(model, ct, m)
+    assert any("'Larynx' (Larynx) is empty" in w for w in inputs.warnings)
+    assert any(w.startswith("Mandible not found") for w in inputs.warnings)
+    assert "Mandible" not in inputs.masks and "Larynx" not in inputs.masks
+
+
+def test_no_target_and_missing_required_target(model, phantom):
+    ct, masks = phantom
+    no_ptv = {k: v for k, v in masks.items() if not k.startswith("PTV")}
+    with pytest.raises(DoseDiffError, match="No target found"):
+        run(model, ct, no_ptv)
+    only56 = {k: v for k, v in masks.items() if k != "PTV70"}
+    with pytest.raises(DoseDiffError, match="requires PTV70"):
+        run(model, ct, only56)
+
+
+def test_ct_not_in_hu_and_nan_voxels(model, phantom):
+    ct, masks = phantom
+    raw = ct.with_array(np.clip(ct.array + 1024, 0, 4095).astype(np.float32))
+    with pytest.raises(DoseDiffError, match="not in Hounsfield units"):
+        run(model, raw, masks)
+    bad = ct.array.copy()
+    bad[3, 4, 5] = np.nan
+    with pytest.raises(DoseDiffError, match="NaN"):
+        run(model, ct.with_array(bad), masks)
+
+
+def test_body_is_thresholded_when_no_body_structure(model, phantom):
+    ct, masks = phantom
+    m = {k: v for k, v in masks.items() if k != "BODY"}
+    inputs, pred = run(model, ct, m)
+    assert any("thresholded" in w for w in inputs.warnings)
+    body = masks["BODY"].array.astype(bool)
+    agree = (inputs.body_on_ct.astype(bool) == body).mean()
+    assert agree > 0.97
+    assert not pred.dose.array[~inputs.body_on_ct.astype(bool)].any()
+
+
+def test_samples_give_a_standard_deviation_map(model, phantom):
+    ct, masks = phantom
+    _, pred = run(model, ct, masks, samples=2, with_std=True)
+    assert pred.std is not None and pred.std.grid == ct.grid
+    assert pred.std.array.min() >= 0 and pred.std.array.max() > 0
+
+
+def test_progress_reports_and_can_cancel(model, phantom):
+    ct, masks = phantom
+    seen = []
+    _, _ = run(model, ct, masks, progress=lambda d, t, m: seen.append((d, t)))
+    assert seen[-1][0] == seen[-1][1] and seen[0][0] == 1
+    with pytest.raises(Cancelled):
+        run(model, ct, masks, progress=lambda d, t, m: False)
+
+
+def test_training_cache_rebuilds_exactly_the_prediction_conditions(model, phantom):
+    """Guards the authors' bug class: channels differing between training and prediction."""
+    _, cfg, _ = model
+    ct, masks = phantom
+    m = {k: v for k, v in masks.items() if k != "BODY"}
+    m[POSSIBLE_DOSE] = masks["BODY"]
+    _, cond = build_inputs(ct, m, cfg)
+    ps = np.stack([psdm(m[r]).array if r in m else np.zeros(ct.array.shape, np.float32) for r in CACHE_ROIS], 1)
+    rebuilt = conditions_from_psdm(torch.from_numpy(ps), cfg).numpy()
+    np.testing.assert_allclose(rebuilt, cond, atol=1e-6)

@@ -1,0 +1,135 @@
+"""Training: augmentation physics, cache, resumable runs and two-process DDP in sync."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from DoseDiffLib.config import ModelConfig
+from DoseDiffLib.prepare import CACHE_ROIS
+from DoseDiffLib.train import TrainConfig, augment
+
+R, L = CACHE_ROIS.index("RightParotid"), CACHE_ROIS.index("LeftParotid")
+
+
+def blobs(n=32):
+    ct = torch.full((1, 1, n, n), -1.0)
+    ct[..., 8:24, 8:24] = 0.0
+    ps = torch.zeros(1, len(CACHE_ROIS), n, n)
+    yy, xx = torch.meshgrid(torch.arange(n) + 0.5, torch.arange(n) + 0.5, indexing="ij")
+    ps[0, R] = 3 - torch.sqrt((xx - 8) ** 2 + (yy - 16) ** 2)   # right parotid at low x
+    ps[0, L] = 3 - torch.sqrt((xx - 24) ** 2 + (yy - 16) ** 2)  # left parotid at high x
+    dose = torch.full((1, 1, n, n), -1.0)
+    dose[..., 12:20, 10:14] = 0.5
+    return ct, ps, dose
+
+
+def test_no_augmentation_is_identity():
+    ct, ps, dose = blobs()
+    cfg = TrainConfig(aug_p=0.0)
+    a, b, c = augment(ct, ps, dose, cfg, torch.Generator().manual_seed(0))
+    assert torch.allclose(a, ct, atol=1e-5) and torch.allclose(b, ps, atol=1e-5) and torch.allclose(c, dose, atol=1e-5)
+
+
+def test_left_right_flip_swaps_parotids_so_left_stays_left():
+    ct, ps, dose = blobs()
+    cfg = TrainConfig(aug_p=1.0, max_rotation_deg=0, zoom=0, shift=0)
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        _, b, c = augment(ct, ps, dose, cfg, g)
+        if not torch.allclose(c, dose, atol=1e-5):  # this draw flipped
+            assert torch.allclose(c, dose.flip(-1), atol=1e-5)
+            # the mirrored right parotid now lies at high x, where a left parotid belongs,
+            # and carries the left label: +x stays the patient's left
+            assert torch.allclose(b[0, L], ps[0, R].flip(-1), atol=1e-5)
+            assert b[0, L].argmax() % 32 >= 16
+            return
+    pytest.fail("no flip drawn in 20 tries")
+
+
+def test_zoom_scales_psdms_with_the_image():
+    ct, ps, dose = blobs()
+    cfg = TrainConfig(aug_p=1.0, max_rotation_deg=0, zoom=0.1, shift=0)
+    g = torch.Generator().manual_seed(5)
+    _, b, _ = augment(ct, ps, dose, cfg, g)
+    # the blob radius (zero crossing) and the peak value scale by the same factor
+    peak_ratio = (b[0, L].max() / ps[0, L].max()).item()
+    area_ratio = ((b[0, L] > 0).sum() / (ps[0, L] > 0).sum()).item()
+    assert peak_ratio == pytest.approx(np.sqrt(area_ratio), rel=0.2)
+    assert abs(peak_ratio - 1) > 1e-3
+
+
+def make_cache(root: Path, n_patients=3, slices=4, size=32) -> Path:
+    cfg = ModelConfig.preset("test")
+    rng = np.random.default_rng(0)
+    index = {"version": 1, "rois": list(CACHE_ROIS), "norm": cfg.to_dict()["norm"], "splits": {}}
+    for split, pids in (("train", range(n_patients)), ("validation", range(100, 101))):
+        entries = []
+        for p in pids:
+            ps = rng.normal(0, 0.1, (slices, len(CACHE_ROIS), size, size)).astype(np.float16)
+            ps[:, CACHE_ROIS.index("possible_dose_mask")] = 0.5
+            np.save(root / f"pt_{p}_psdm.npy", ps)
+            np.save(root / f"pt_{p}_ct.npy", rng.uniform(-1, 1, (slices, size, size)).astype(np.float16))
+            np.save(root / f"pt_{p}_dose.npy", rng.uniform(-1, 1, (slices, size, size)).astype(np.float16))
+            entries.append({"pid": f"pt_{p}", "slices": list(range(slices)), "n_slices_total": slices,
+                            "spacing": [4.0, 4.0, 3.0], "rois": []})
+        index["splits"][split] = entries
+    (root / "index.json").write_text(json.dumps(index))
+    return root
+
+
+def test_training_resumes_exactly(tmp_path):
+    from DoseDiffLib.train import train
+
+    cache = make_cache(tmp_path)
+    common = dict(preset="test", steps=4, batch_size=2, val_every=2, val_patients=1, val_steps=1,
+                  checkpoint_every=2, threads=1)
+    train(cache, tmp_path / "a", TrainConfig(**common), torch.device("cpu"))
+    # interrupted after 2 steps, then resumed to 4
+    train(cache, tmp_path / "b", TrainConfig(**{**common, "steps": 4}), torch.device("cpu"),
+          stop=lambda: True)  # stops at step 1 with a checkpoint
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["step"] == 1
+    train(cache, tmp_path / "b", TrainConfig(**common), torch.device("cpu"))
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert a["state"]["step"] == b["state"]["step"] == 4
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    assert (tmp_path / "a" / "best.json").exists() and (tmp_path / "a" / "curves.png").exists()
+    log = [json.loads(x) for x in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    assert any("dose_score" in r for r in log) and any("loss" in r for r in log)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_stay_in_sync(tmp_path):
+    cache = make_cache(tmp_path)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               OMP_NUM_THREADS="1")
+    procs = []
+    for rank in range(2):
+        e = dict(env, RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "DoseDiffLib.cli", "train", "--cache", str(cache), "--run", str(tmp_path / "run"),
+             "--device", "cpu", "--set", "preset=test", "--set", "steps=3", "--set", "batch_size=2",
+             "--set", "val_every=0", "--set", "checkpoint_every=3", "--set", "threads=1"],
+            env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["step"] == 3 and len(ck["rng"]) == 2
+    assert not torch.equal(ck["rng"][0], ck["rng"][1])  # each rank drew its own slices
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    sums = [r["replica_param_sums"] for r in log if "replica_param_sums" in r][-1]
+    assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], abs=1e-9)

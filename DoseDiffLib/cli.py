@@ -31,7 +31,7 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict a dose volume")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ct", type=Path, help="CT image (NRRD, NIfTI, MHA) in HU")
-    src.add_argument("--openkbp", type=Path, help="OpenKBP patient folder (pt_N)")
+    src.add_argument("--openkbp", type=Path, help="OpenKBP patient folder (pt_N), or a split folder of them (then --out is a folder)")
     p.add_argument("--structures", type=Path, help=".seg.nrrd or folder of per-ROI masks (with --ct)")
     p.add_argument("--mapping", type=Path, help='JSON {"model ROI": "structure name"} overriding name matching')
     p.add_argument("--out", type=Path, required=True, help="dose output (.nrrd/.nii.gz/.mha, or .csv with --openkbp)")
@@ -59,6 +59,8 @@ def cmd_predict(args) -> int:
     from .runtime import choose_device
     from .volume import read_structures, read_volume, write_volume
 
+    if args.openkbp and not (args.openkbp / "ct.csv").exists():
+        return _predict_openkbp_cohort(args)
     _check_outputs(args)
     if args.std_out and args.samples < 2:
         raise DoseDiffError("--std-out needs at least two samples.", "Add --samples 4 (or more).")
@@ -92,6 +94,107 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def _predict_openkbp_cohort(args) -> int:
+    """Every pt_N under a split folder -> OUT/pt_N.csv; existing files are kept (resumable)."""
+    from tqdm import tqdm
+
+    from . import openkbp
+    from .modelcard import load_model
+    from .predict import predict_case, prepare_openkbp
+    from .runtime import choose_device
+
+    folders = openkbp.patient_folders(args.openkbp)
+    if not folders:
+        raise DoseDiffError(f"{args.openkbp} holds no OpenKBP patients.", "Point to a pt_N folder or a split folder.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = choose_device(args.device)
+    model, cfg, _ = load_model(args.model, device)
+    for folder in tqdm(folders, desc="Patients", unit="patient"):
+        out = args.out / f"{folder.name}.csv"
+        if out.exists() and not args.overwrite:
+            continue
+        inputs = prepare_openkbp(openkbp.read_patient(folder, with_dose=False), cfg)
+        seed = args.seed if args.seed is not None else 0
+        pred = predict_case(inputs, model, cfg, steps=args.steps, samples=args.samples, seed=seed,
+                            device=device, batch_size=args.batch_size)
+        openkbp.write_dose_csv(pred.dose, out, args.overwrite)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from tqdm import tqdm
+
+    from .evaluate import evaluate_openkbp
+
+    bar = tqdm(desc="Evaluating", unit="patient")
+    overall = evaluate_openkbp(args.openkbp, args.predictions, args.out, gamma=not args.no_gamma,
+                               plots=not args.no_plots, overwrite=args.overwrite, progress=lambda _p: bar.update())
+    bar.close()
+    brief = {k: v for k, v in overall.items() if k != "dvh_error_per_roi"}
+    print(json.dumps(brief, indent=1))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job on an embedded case: phantom (default) or one OpenKBP patient."""
+    from . import openkbp
+    from .evaluate import evaluate_patient, plan_summary
+    from .modelcard import load_model
+    from .phantom import head_and_neck
+    from .plots import dose_overlay, dvh_comparison
+    from .predict import predict_case, prepare_case, prepare_openkbp
+    from .runtime import choose_device
+    from .volume import write_segmentation, write_volume
+
+    out = args.out
+    targets = [out / n for n in ("dose.nrrd", "dvh.png", "dose_overlay.png")]
+    clash = [t for t in targets if t.exists()]
+    if clash and not args.overwrite:
+        raise DoseDiffError(f"{clash[0]} already exists.", "Choose another --out folder or pass --overwrite.")
+    out.mkdir(parents=True, exist_ok=True)
+    device = choose_device(args.device)
+    model, cfg, card = load_model(args.model, device)
+    reference = None
+    if args.openkbp:
+        patient = openkbp.read_patient(args.openkbp)
+        inputs = prepare_openkbp(patient, cfg)
+        ct, masks, reference = patient.ct, patient.masks, patient.dose
+        title = f"OpenKBP {patient.pid}"
+    else:
+        ct, masks = head_and_neck()
+        write_volume(ct, out / "ct.nrrd", overwrite=True)
+        write_segmentation(masks, out / "structures.seg.nrrd", overwrite=True)
+        inputs = prepare_case(ct, masks, cfg)
+        title = "synthetic head-and-neck phantom"
+    for w in inputs.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    bar, update = _progress_bar("Predicting dose")
+    try:
+        pred = predict_case(inputs, model, cfg, steps=args.steps, samples=1, seed=args.seed, device=device,
+                            progress=update)
+    finally:
+        bar.close()
+    write_volume(pred.dose, out / "dose.nrrd", overwrite=args.overwrite)
+    roi_masks = {k: v.array for k, v in masks.items() if k != "BODY"}
+    ref_arr = reference.array if reference is not None else None
+    dvh_comparison(ref_arr, pred.dose.array, roi_masks, out / "dvh.png", f"DVH, {title}")
+    dose_overlay(ct.array, pred.dose.array, roi_masks, ct.spacing, out / "dose_overlay.png",
+                 f"DoseDiff predicted dose, {title} (research and planning guidance only)")
+    print(f"DoseDiff {card['name']} on the {title}: {pred.info['slices_predicted']} slices, "
+          f"{pred.info['seconds_sampling']:.1f} s sampling on {pred.info['device']} (seed {pred.info['seed']})")
+    print("Research and planning guidance only: not a treatment planning system dose calculation.")
+    for line in plan_summary(pred.dose.array, roi_masks, ct.grid.voxel_volume_mm3()):
+        print("  " + line)
+    if reference is not None:
+        e = evaluate_patient(patient.pid, reference.array, pred.dose.array, roi_masks,
+                             patient.possible_dose.array, ct.spacing, gamma=False)
+        print(f"  against the clinical plan: dose score {e.scores['dose_score']:.2f} Gy, "
+              f"DVH score {e.scores['dvh_score']:.2f} Gy, MAE in body {e.scores['mae_body']:.2f} Gy")
+        openkbp.write_dose_csv(pred.dose, out / f"{patient.pid}.csv", overwrite=True)
+    print(f"wrote {', '.join(str(t) for t in targets)}")
+    return 0
+
+
 def cmd_init_model(args) -> int:
     import torch
 
@@ -121,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="card path (.json)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp32", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("demo", help="the main job on an embedded phantom (or --openkbp pt_N) with the bundled model")
+    p.add_argument("--out", type=Path, default=Path("dosediff-demo"))
+    p.add_argument("--openkbp", type=Path, help="run on this OpenKBP patient instead, and score it")
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("evaluate", help="OpenKBP dose/DVH scores and more against the clinical plans")
+    p.add_argument("--openkbp", type=Path, required=True, help="split folder (or one pt_N) with reference doses")
+    p.add_argument("--predictions", type=Path, required=True, help="folder of pt_N.csv predictions (or one file)")
+    p.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, CSVs, DVH plots)")
+    p.add_argument("--no-gamma", action="store_true", help="skip gamma pass rates (the slowest part)")
+    p.add_argument("--no-plots", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("prepare", help="cache OpenKBP patients for training")
     p.add_argument("--split", action="append", required=True, help="NAME=FOLDER of pt_N folders (repeatable)")
@@ -186,7 +304,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "train": cmd_train}
+COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "train": cmd_train,
+            "evaluate": cmd_evaluate, "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,3 +55,93 @@ def dvh_errors(reference: Mapping, prediction: Mapping) -> dict[tuple[str, str],
 def dvh_score(errors_per_patient: Iterable[Mapping]) -> float:
     cells = [e for errs in errors_per_patient for e in errs.values()]
     return float(np.mean(cells)) if cells else float("nan")
+
+
+# --- beyond OpenKBP: the paper's image metrics and clinical indices ---------------
+
+def mae_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> float:
+    m = mask.astype(bool)
+    return float(np.abs(reference[m] - prediction[m]).mean())
+
+
+def psnr_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = 80.0) -> float:
+    m = mask.astype(bool)
+    mse = float(((reference[m] - prediction[m]) ** 2).mean())
+    return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
+
+
+def ssim_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = 80.0,
+            sigma: float = 1.5) -> float:
+    """Mean 2-D SSIM (Gaussian window, Wang et al. 2004) over the mask, slice by slice."""
+    from scipy.ndimage import gaussian_filter
+
+    c1, c2 = (0.01 * peak) ** 2, (0.03 * peak) ** 2
+    x, y = reference.astype(np.float64), prediction.astype(np.float64)
+    f = lambda a: gaussian_filter(a, sigma=(0, sigma, sigma))  # noqa: E731  in-plane window
+    mx, my = f(x), f(y)
+    vx, vy, cxy = f(x * x) - mx * mx, f(y * y) - my * my, f(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s[mask.astype(bool)].mean())
+
+
+def dose_at_volume_percent(dose_in_roi: np.ndarray, percent: float) -> float:
+    """D_x%: the minimum dose received by the hottest x % of the ROI."""
+    return float(np.percentile(dose_in_roi, 100.0 - percent))
+
+
+def volume_at_dose_percent(dose_in_roi: np.ndarray, gy: float) -> float:
+    """V_xGy: per cent of the ROI receiving at least x Gy."""
+    return float(100.0 * np.count_nonzero(dose_in_roi >= gy) / dose_in_roi.size)
+
+
+def homogeneity_index(dose_in_ptv: np.ndarray) -> float:
+    """ICRU 83: (D2% - D98%) / D50%."""
+    d50 = dose_at_volume_percent(dose_in_ptv, 50)
+    return (dose_at_volume_percent(dose_in_ptv, 2) - dose_at_volume_percent(dose_in_ptv, 98)) / d50
+
+
+def paddick_conformity(dose: np.ndarray, ptv: np.ndarray, prescription_gy: float) -> float:
+    """TV_PIV^2 / (TV * PIV), with PIV the volume receiving the prescription dose."""
+    piv = dose >= prescription_gy
+    tv = ptv.astype(bool)
+    n_tv, n_piv = np.count_nonzero(tv), np.count_nonzero(piv)
+    if n_tv == 0 or n_piv == 0:
+        return 0.0
+    return float(np.count_nonzero(tv & piv) ** 2 / (n_tv * n_piv))
+
+
+def gamma_pass_rate(reference: np.ndarray, evaluated: np.ndarray, spacing_zyx: tuple[float, float, float],
+                    dose_percent: float = 3.0, dta_mm: float = 3.0, cutoff_percent: float = 10.0,
+                    interp_fraction: int = 10) -> float:
+    """Global 3-D gamma pass rate: per cent of reference points above the cutoff with gamma <= 1.
+
+    A point passes when some evaluated point within the DTA sphere satisfies
+    dr^2/DTA^2 + dD^2/dDose^2 <= 1, so only shifts inside the sphere matter. Shifts on a
+    lattice of step DTA/interp_fraction are tried nearest first, each only on the points
+    that have not passed yet, with the evaluated dose linearly interpolated.
+    """
+    from scipy.ndimage import map_coordinates
+
+    ref = reference.astype(np.float64)
+    ev = evaluated.astype(np.float64)
+    dmax = float(ref.max())
+    if dmax <= 0:
+        return float("nan")
+    dd = dose_percent / 100.0 * dmax
+    points = ref >= cutoff_percent / 100.0 * dmax
+    idx = np.argwhere(points).astype(np.float64)
+    r = ref[points]
+    remaining = ((ev[points] - r) / dd) ** 2 > 1.0
+    k = np.arange(-interp_fraction, interp_fraction + 1) * (dta_mm / interp_fraction)
+    offs = np.stack(np.meshgrid(k, k, k, indexing="ij"), -1).reshape(-1, 3)
+    r2 = (offs ** 2).sum(1) / dta_mm ** 2
+    keep = (r2 > 0) & (r2 <= 1.0)
+    order = np.argsort(r2[keep], kind="stable")
+    for off, d2 in zip(offs[keep][order], r2[keep][order]):
+        sel = np.flatnonzero(remaining)
+        if sel.size == 0:
+            break
+        coords = (idx[sel] + off / np.asarray(spacing_zyx)).T
+        val = map_coordinates(ev, coords, order=1, mode="nearest")
+        remaining[sel[d2 + ((val - r[sel]) / dd) ** 2 <= 1.0]] = False
+    return float(100.0 * (1.0 - remaining.mean())) if remaining.size else float("nan")

@@ -75,3 +75,29 @@ def test_predict_clinical_grid_512(tmp_path, tiny_card):
     assert dose.array.shape == (40, 512, 512) and dose.grid.close_to(ct.grid)
     assert not dose.array[masks["BODY"].array == 0].any()
     assert np.isfinite(dose.array).all()
+
+
+def test_evaluate_reference_against_itself_scores_zero(openkbp_patient, tmp_path):
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    # the clinical dose, written through our own CSV writer, as a "prediction"
+    p = openkbp.read_patient(openkbp_patient)
+    openkbp.write_dose_csv(p.dose, preds / "pt_201.csv")
+    assert main(["evaluate", "--openkbp", str(openkbp_patient), "--predictions", str(preds),
+                 "--out", str(tmp_path / "report")]) == 0
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["overall"]["dose_score"] == pytest.approx(0, abs=1e-4)
+    assert report["overall"]["dvh_score"] == pytest.approx(0, abs=1e-4)
+    assert report["patients"]["pt_201"]["gamma_3%3mm"] == 100.0
+    assert (tmp_path / "report" / "dvh_pt_201.png").exists()
+    assert "roi,metric,reference,prediction" in (tmp_path / "report" / "roi_metrics.csv").read_text().splitlines()[0]
+
+
+def test_demo_on_the_phantom(tmp_path, test_card, capsys):
+    rc = main(["demo", "--model", str(test_card), "--out", str(tmp_path / "demo"), "--steps", "1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "PTV70" in out and "D95" in out and "not a treatment planning system" in out
+    for f in ("dose.nrrd", "dvh.png", "dose_overlay.png", "ct.nrrd", "structures.seg.nrrd"):
+        assert (tmp_path / "demo" / f).exists()
+    assert main(["demo", "--model", str(test_card), "--out", str(tmp_path / "demo")]) == 2  # no silent overwrite

@@ -46,3 +46,48 @@ def test_dvh_score_pools_cells_not_patients():
     # pooled over 3 cells: (1 + 3 + 8) / 3 = 4, not the mean of patient means (2 + 8) / 2 = 5
     assert dvh_score([a, b]) == pytest.approx(4.0)
     assert dvh_errors({("x", "y"): 5.0}, {("x", "y"): 7.5}) == {("x", "y"): 2.5}
+
+
+def test_homogeneity_and_paddick_hand_computed():
+    from DoseDiffLib.metrics import homogeneity_index, paddick_conformity, volume_at_dose_percent
+
+    d = np.arange(1, 101, dtype=float)  # D2% = 98.02, D98% = 2.98, D50% = 50.5
+    assert homogeneity_index(d) == pytest.approx((np.percentile(d, 98) - np.percentile(d, 2)) / np.percentile(d, 50))
+    assert volume_at_dose_percent(d, 95.0) == pytest.approx(6.0)
+    dose = np.zeros((1, 4, 4))
+    dose[0, :2, :] = 70.0          # PIV: 8 voxels
+    ptv = np.zeros_like(dose, bool)
+    ptv[0, 1:3, :] = True          # TV: 8 voxels, 4 of them covered
+    assert paddick_conformity(dose, ptv, 70.0) == pytest.approx(4 ** 2 / (8 * 8))
+
+
+def test_gamma_identical_and_shifted_doses():
+    from DoseDiffLib.metrics import gamma_pass_rate
+
+    z, y, x = np.indices((10, 30, 30))
+    ref = 50 * np.exp(-((x - 15.0) ** 2 + (y - 15.0) ** 2) / 40)
+    assert gamma_pass_rate(ref, ref, (3.0, 2.0, 2.0)) == 100.0
+    # a 1 mm shift passes 3 %/3 mm everywhere; a 6 mm shift does not
+    shifted = 50 * np.exp(-((x - 15.5) ** 2 + (y - 15.0) ** 2) / 40)
+    assert gamma_pass_rate(ref, shifted, (3.0, 2.0, 2.0), 3, 3) == 100.0
+    far = 50 * np.exp(-((x - 18.0) ** 2 + (y - 15.0) ** 2) / 40)
+    assert gamma_pass_rate(ref, far, (3.0, 2.0, 2.0), 3, 3) < 80.0
+
+
+def test_gamma_agrees_with_pymedphys():
+    pymedphys = pytest.importorskip("pymedphys")
+    pytest.importorskip("numba")
+    from DoseDiffLib.metrics import gamma_pass_rate
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.indices((20, 30, 30))
+    sp = (2.5, 3.9, 3.9)
+    ref = 60 * np.exp(-(((x - 15) * 3.9) ** 2 + ((y - 15) * 3.9) ** 2 + ((z - 10) * 2.5) ** 2) / (2 * 25 ** 2))
+    ev = 61 * np.exp(-(((x - 15.6) * 3.9) ** 2 + ((y - 15) * 3.9) ** 2 + ((z - 10) * 2.5) ** 2) / (2 * 25 ** 2))
+    ev = ev + rng.normal(0, 0.8, ref.shape)
+    axes = tuple(np.arange(n) * s for n, s in zip(ref.shape, sp))
+    for dp, dta in ((3, 3), (2, 2)):
+        g = pymedphys.gamma(axes, ref, axes, ev, dose_percent_threshold=dp, distance_mm_threshold=dta,
+                            lower_percent_dose_cutoff=10, interp_fraction=10, max_gamma=1.1)
+        theirs = 100 * np.mean(g[~np.isnan(g)] <= 1)
+        assert gamma_pass_rate(ref, ev, sp, dp, dta, 10) == pytest.approx(theirs, abs=0.5)

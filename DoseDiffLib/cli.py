@@ -31,10 +31,13 @@ def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict a dose volume")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ct", type=Path, help="CT image (NRRD, NIfTI, MHA) in HU")
+    src.add_argument("--dicom", type=Path, help="DICOM folder: CT series + RTSTRUCT (+ the plan's RTDOSE)")
     src.add_argument("--openkbp", type=Path, help="OpenKBP patient folder (pt_N), or a split folder of them (then --out is a folder)")
     p.add_argument("--structures", type=Path, help=".seg.nrrd or folder of per-ROI masks (with --ct)")
     p.add_argument("--mapping", type=Path, help='JSON {"model ROI": "structure name"} overriding name matching')
-    p.add_argument("--out", type=Path, required=True, help="dose output (.nrrd/.nii.gz/.mha, or .csv with --openkbp)")
+    p.add_argument("--out", type=Path, help="dose output (.nrrd/.nii.gz/.mha, or .csv with --openkbp)")
+    p.add_argument("--out-dicom", type=Path, help="folder for the predicted RTDOSE (with --dicom)")
+    p.add_argument("--series-uid", help="CT series to use when the DICOM folder holds several")
     p.add_argument("--std-out", type=Path, help="also write the per-voxel standard deviation (needs --samples > 1)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model card (.json)")
     p.add_argument("--steps", type=int, default=8, help="DDIM steps (default 8)")
@@ -46,6 +49,13 @@ def _add_predict(sub) -> None:
 
 
 def _check_outputs(args) -> None:
+    if args.out is None and getattr(args, "out_dicom", None) is None:
+        raise DoseDiffError("No output given.", "Add --out dose.nrrd (or --out-dicom DIR with --dicom).")
+    if args.out_dicom is not None and args.dicom is None:
+        raise DoseDiffError("--out-dicom needs a --dicom input (the RTDOSE refers to its CT).", "Use --out instead.")
+    if args.out_dicom is not None and args.out_dicom.is_dir() and not args.overwrite \
+            and any(p.name.startswith("RTDOSE") for p in args.out_dicom.iterdir()):
+        raise DoseDiffError(f"{args.out_dicom} already holds an RTDOSE.", "Choose another folder or pass --overwrite.")
     for path in (args.out, args.std_out):
         if path is not None and path.exists() and not args.overwrite:
             raise DoseDiffError(f"Output {path} already exists.", "Choose another path or pass --overwrite.")
@@ -69,6 +79,16 @@ def cmd_predict(args) -> int:
     if args.openkbp:
         patient = openkbp.read_patient(args.openkbp, with_dose=False)
         inputs = prepare_openkbp(patient, cfg)
+    elif args.dicom:
+        from .dicomrt import read_dicom
+
+        case = read_dicom(args.dicom, args.series_uid)
+        for w in case.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        if not case.structures:
+            raise DoseDiffError(f"{args.dicom} has no RTSTRUCT.", "Export the structure set with the CT.")
+        mapping = read_mapping(args.mapping) if args.mapping else None
+        inputs = prepare_case(case.ct, case.structures, cfg, mapping)
     else:
         if args.structures is None:
             raise DoseDiffError("--ct needs --structures.", "Give a .seg.nrrd or a folder of masks.")
@@ -83,14 +103,19 @@ def cmd_predict(args) -> int:
                             progress=update)
     finally:
         bar.close()
-    if args.openkbp and args.out.suffix == ".csv":
+    if args.out_dicom is not None:
+        from .dicomrt import write_rtdose
+
+        written = write_rtdose(pred.dose, case.ct_datasets, args.out_dicom, card["name"], case.plan_uid, args.overwrite)
+        print(f"wrote {written}", file=sys.stderr)
+    if args.out is not None and args.openkbp and args.out.suffix == ".csv":
         openkbp.write_dose_csv(pred.dose, args.out, args.overwrite)
-    else:
+    elif args.out is not None:
         write_volume(pred.dose, args.out, args.overwrite)
     if args.std_out and pred.std is not None:
         write_volume(pred.std, args.std_out, args.overwrite)
     info = {k: v for k, v in pred.info.items() if k != "warnings"}
-    print(json.dumps({"output": str(args.out), "model": card["name"], **info}, indent=1))
+    print(json.dumps({"output": str(args.out or args.out_dicom), "model": card["name"], **info}, indent=1))
     return 0
 
 
@@ -126,6 +151,20 @@ def cmd_evaluate(args) -> int:
 
     from .evaluate import evaluate_openkbp
 
+    if args.dicom is not None:
+        from .evaluate import evaluate_dicom
+        from .rois import read_mapping
+
+        if args.prediction is None:
+            raise DoseDiffError("--dicom needs --prediction (a dose image or RTDOSE file).", "Add --prediction FILE.")
+        mapping = read_mapping(args.mapping) if args.mapping else None
+        overall = evaluate_dicom(args.dicom, args.prediction, args.out, args.series_uid, mapping,
+                                 gamma=not args.no_gamma, overwrite=args.overwrite)
+        print(json.dumps({k: v for k, v in overall.items() if k != "dvh_error_per_roi"}, indent=1))
+        return 0
+    if args.openkbp is None or args.predictions is None:
+        raise DoseDiffError("evaluate needs --openkbp and --predictions, or --dicom and --prediction.",
+                            "See dosediff evaluate --help.")
     bar = tqdm(desc="Evaluating", unit="patient")
     overall = evaluate_openkbp(args.openkbp, args.predictions, args.out, gamma=not args.no_gamma,
                                plots=not args.no_plots, overwrite=args.overwrite, progress=lambda _p: bar.update())
@@ -234,8 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("evaluate", help="OpenKBP dose/DVH scores and more against the clinical plans")
-    p.add_argument("--openkbp", type=Path, required=True, help="split folder (or one pt_N) with reference doses")
-    p.add_argument("--predictions", type=Path, required=True, help="folder of pt_N.csv predictions (or one file)")
+    p.add_argument("--openkbp", type=Path, help="split folder (or one pt_N) with reference doses")
+    p.add_argument("--predictions", type=Path, help="folder of pt_N.csv predictions (or one file)")
+    p.add_argument("--dicom", type=Path, help="DICOM folder with the clinical plan's RTDOSE as reference")
+    p.add_argument("--prediction", type=Path, help="with --dicom: predicted dose (image or RTDOSE .dcm)")
+    p.add_argument("--series-uid", help="CT series when the DICOM folder holds several")
+    p.add_argument("--mapping", type=Path, help="ROI mapping JSON for local structure names")
     p.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, CSVs, DVH plots)")
     p.add_argument("--no-gamma", action="store_true", help="skip gamma pass rates (the slowest part)")
     p.add_argument("--no-plots", action="store_true")

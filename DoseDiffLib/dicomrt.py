@@ -56,10 +56,15 @@ def _read(path: Path, headers_only: bool) -> Dataset | None:
     try:
         return pydicom.dcmread(path, stop_before_pixels=headers_only)
     except InvalidDicomError:
-        return None
+        pass
     except Exception as exc:  # pydicom raises many types on malformed files
         raise DoseDiffError(f"{path} is a damaged DICOM file ({type(exc).__name__}: {str(exc)[:120]}).",
                             "Remove it from the folder or export it again.") from None
+    try:  # older exports omit the preamble; accept them only if they parse as a SOP instance
+        ds = pydicom.dcmread(path, stop_before_pixels=headers_only, force=True)
+        return ds if "SOPClassUID" in ds and "SOPInstanceUID" in ds else None
+    except Exception:
+        return None
 
 
 def _scan(folder: Path, warnings: list[str]) -> list[tuple[Path, Dataset]]:
@@ -176,26 +181,34 @@ def _rasterise_slice(polys: list[np.ndarray], shape_yx: tuple[int, int], supersa
     return out
 
 
+def rtstruct_contours(ds: Dataset) -> dict[str, list[np.ndarray]]:
+    """ROI name -> closed planar contours, each an (N, 3) array of LPS mm."""
+    names = {int(r.ROINumber): str(r.ROIName) for r in getattr(ds, "StructureSetROISequence", [])}
+    contours = {int(c.ReferencedROINumber): c for c in getattr(ds, "ROIContourSequence", [])}
+    out: dict[str, list[np.ndarray]] = {}
+    for number, name in names.items():
+        item = contours.get(number)
+        polys = []
+        for c in getattr(item, "ContourSequence", None) or []:
+            if str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR")) in ("CLOSED_PLANAR", "CLOSEDPLANAR"):
+                polys.append(np.asarray(c.ContourData, float).reshape(-1, 3))
+        out[name] = polys
+    return out
+
+
 def _structures(ds: Dataset, ct: Volume, warnings: list[str]) -> dict[str, Volume]:
     grid = ct.grid
     inv = np.linalg.inv(grid.matrix())
-    names = {int(r.ROINumber): str(r.ROIName) for r in getattr(ds, "StructureSetROISequence", [])}
-    contours = {int(c.ReferencedROINumber): c for c in getattr(ds, "ROIContourSequence", [])}
     out = {}
     nz, ny, nx = grid.shape
-    for number, name in names.items():
-        item = contours.get(number)
-        seq = getattr(item, "ContourSequence", None) if item is not None else None
-        if not seq:
+    for name, polys in rtstruct_contours(ds).items():
+        if not polys:
             _warn(warnings, f"ROI {name!r} has no contours; it is left empty.")
             out[name] = Volume.on_grid(np.zeros(grid.shape, np.uint8), grid)
             continue
         by_slice: dict[int, list[np.ndarray]] = {}
         outside = 0
-        for c in seq:
-            if str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR")) not in ("CLOSED_PLANAR", "CLOSEDPLANAR"):
-                continue
-            pts = np.asarray(c.ContourData, float).reshape(-1, 3)
+        for pts in polys:
             ijk = (np.column_stack([pts, np.ones(len(pts))]) @ inv.T)[:, :3]
             k = int(np.round(ijk[:, 2].mean()))
             if k < 0 or k >= nz:
@@ -203,8 +216,8 @@ def _structures(ds: Dataset, ct: Volume, warnings: list[str]) -> dict[str, Volum
                 continue
             by_slice.setdefault(k, []).append(ijk[:, :2])
         mask = np.zeros(grid.shape, np.uint8)
-        for k, polys in by_slice.items():
-            mask[k] = _rasterise_slice(polys, (ny, nx))
+        for k, ps in by_slice.items():
+            mask[k] = _rasterise_slice(ps, (ny, nx))
         if outside:
             if not by_slice:
                 raise DoseDiffError(f"ROI {name!r} lies entirely outside the CT ({outside} contours).",
@@ -401,3 +414,12 @@ def write_rtdose(dose: Volume, ct_headers: list[Dataset], out_dir: str | os.Path
     path = out_dir / f"RTDOSE_{ds.SOPInstanceUID}.dcm"
     atomic_write(path, lambda p: ds.save_as(p, enforce_file_format=True), overwrite)
     return path
+
+
+def read_rtdose(path: str | os.PathLike) -> Volume:
+    """One RTDOSE file as a dose volume in Gy on its own grid."""
+    path = Path(path)
+    ds = _read(path, headers_only=False)
+    if ds is None or ds.get("SOPClassUID") != RT_DOSE:
+        raise DoseDiffError(f"{path} is not an RTDOSE file.", "Give the RTDOSE (.dcm) or a dose image.")
+    return _dose_volume(path, ds, [])

@@ -165,3 +165,34 @@ def evaluate_openkbp(root: Path, predictions: Path, out_dir: Path, gamma: bool =
         if progress:
             progress(p.pid)
     return write_report(evals, out_dir, overwrite)
+
+
+def evaluate_dicom(folder: Path, prediction: Path, out_dir: Path, series_uid: str | None = None,
+                   mapping: Mapping[str, str | None] | None = None, gamma: bool = True,
+                   overwrite: bool = False) -> dict:
+    """Evaluate a predicted dose (NRRD/NIfTI/MHA or RTDOSE) against the plan RTDOSE in a DICOM folder."""
+    from .config import ModelConfig
+    from .dicomrt import read_dicom, read_rtdose
+    from .errors import DoseDiffError
+    from .plots import dvh_comparison
+    from .predict import body_from_ct
+    from .rois import BODY, match_rois
+    from .volume import read_volume, resample
+
+    case = read_dicom(folder, series_uid)
+    if case.reference_dose is None:
+        raise DoseDiffError(f"{folder} holds no RTDOSE of the clinical plan to compare with.",
+                            "Export the plan dose together with the CT and structures.")
+    pred = read_rtdose(prediction) if prediction.suffix.lower() == ".dcm" else read_volume(prediction)
+    if not pred.grid.close_to(case.ct.grid):
+        pred = resample(pred, case.ct.grid, "linear", default=0.0)
+    rois = list(ModelConfig().conditions.rois) + [BODY]
+    matched = match_rois(case.structures.keys(), rois, mapping)
+    masks = {roi: case.structures[name].array for roi, name in matched.items() if roi != BODY}
+    body = case.structures[matched[BODY]].array if BODY in matched else body_from_ct(case.ct)
+    pid = str(getattr(case.ct_datasets[0], "PatientID", "") or folder.name)
+    e = evaluate_patient(pid, case.reference_dose.array, pred.array, masks, body, case.ct.spacing, gamma)
+    overall = write_report([e], out_dir, overwrite)
+    png = out_dir / f"dvh_{pid}.png"
+    dvh_comparison(case.reference_dose.array, pred.array, masks, png, f"{pid}: plan (solid) vs prediction (dashed)")
+    return overall

@@ -66,3 +66,14 @@ def test_units_are_decimetres_and_axis_order_is_respected():
 def test_absent_roi_gives_zeros():
     vol = Volume(np.zeros((4, 5, 6), np.uint8), (1, 1, 1))
     assert not psdm(vol).array.any()
+
+
+def test_cropped_inside_transform_equals_the_full_one_even_at_the_image_edge():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(2)
+    mask = ndimage.binary_opening(rng.random((12, 30, 25)) > 0.45, iterations=1)
+    mask[:, :4, :] = True  # touches the image edge, as a body cut by the first slices
+    sp = (2.5, 1.1, 0.7)
+    full = ndimage.distance_transform_edt(mask, sampling=sp) - ndimage.distance_transform_edt(~mask, sampling=sp)
+    np.testing.assert_allclose(signed_distance_mm(mask, sp), full, atol=1e-4)

@@ -1,0 +1,1 @@
+"""Scene-side logic of the DoseDiff module (no Qt), testable with slicer-core."""

@@ -67,8 +67,12 @@ def activation_bytes_per_slice(net: NetConfig, bytes_per_value: int = 4) -> int:
 
 def batch_size_for(net: NetConfig, device: torch.device, cap: int | None = None,
                    bytes_per_value: int = 4) -> int:
-    """Slices per network call: half the free memory, at most 64 (GPU) or 16 (CPU)."""
+    """Slices per network call: half the free memory, at most 64 (GPU) or 4 (CPU).
+
+    On CPU larger batches only spill the caches: tiny/small presets ran fastest at 4
+    slices per call (bench/bench_inference.py, 2 cores).
+    """
     per = activation_bytes_per_slice(net, bytes_per_value)
     fit = max(1, int(available_memory_bytes(device) * 0.5 // per))
-    limit = cap or (64 if device.type in ("cuda", "mps") else 16)
+    limit = cap or (64 if device.type in ("cuda", "mps") else 4)
     return max(1, min(fit, limit))

@@ -186,7 +186,8 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
     mcfg = ModelConfig(net=base.net, conditions=base.conditions, norm=base.norm,
                        diffusion=type(base.diffusion)(prediction=tcfg.prediction), grid=base.grid)
     torch.manual_seed(tcfg.seed)
-    model = MMFNet(mcfg.net).to(device)
+    # channels-last convolutions run twice as fast on CPU (oneDNN) and suit CUDA tensor cores
+    model = MMFNet(mcfg.net).to(device, memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < tcfg.decay_at * tcfg.steps else 0.1)
@@ -242,7 +243,7 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
         ct, ps, dose = data.batch(idx)
         ct, ps, dose = augment(ct, ps, dose, tcfg, g)
         ct, dose = ct.to(device), dose.to(device)
-        cond = conditions_from_psdm(ps, mcfg).to(device)
+        cond = conditions_from_psdm(ps, mcfg).to(device, memory_format=torch.channels_last)
         with autocast:
             loss = diffusion.loss(lambda x, t: net(x, t, ct, cond), dose, generator=g)
         opt.zero_grad(set_to_none=True)

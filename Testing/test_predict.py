@@ -145,3 +145,24 @@ def test_training_cache_rebuilds_exactly_the_prediction_conditions(model, phanto
     ps = np.stack([psdm(m[r]).array if r in m else np.zeros(ct.array.shape, np.float32) for r in CACHE_ROIS], 1)
     rebuilt = conditions_from_psdm(torch.from_numpy(ps), cfg).numpy()
     np.testing.assert_allclose(rebuilt, cond, atol=1e-6)
+
+
+def test_channels_last_inference_matches_the_plain_layout():
+    """The memory-layout optimisation changes no number beyond float rounding."""
+    from DoseDiffLib.config import ModelConfig
+    from DoseDiffLib.mmfnet import MMFNet
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("test")
+    net = MMFNet(cfg.net).eval()
+    for p in net.parameters():  # undo the zero init so every layer matters
+        if not p.any():
+            torch.nn.init.normal_(p, std=0.05)
+    s = cfg.net.image_size
+    args = (torch.randn(3, 1, s, s), torch.tensor([1, 400, 900]), torch.randn(3, 1, s, s),
+            torch.randn(3, cfg.net.cond_channels, s, s))
+    with torch.inference_mode():
+        plain = net(*args)
+        net.to(memory_format=torch.channels_last)
+        fast = net(*args[:3], args[3].to(memory_format=torch.channels_last))
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)

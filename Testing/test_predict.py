@@ -166,3 +166,25 @@ def test_channels_last_inference_matches_the_plain_layout():
         net.to(memory_format=torch.channels_last)
         fast = net(*args[:3], args[3].to(memory_format=torch.channels_last))
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_slices_far_from_every_target_are_skipped_without_changing_the_rest(model):
+    from DoseDiffLib import predict as P
+    from DoseDiffLib.phantom import head_and_neck
+
+    net, cfg, _ = model
+    ct, masks = head_and_neck(shape=(120, 64, 64), spacing=(3.2, 3.2, 3.0))  # 36 cm long body
+    inputs = prepare_case(ct, masks, cfg)
+    kept = P.dose_slices(inputs, cfg)
+    assert 0 < len(kept) < 120
+    full_margin = P.TARGET_SLAB_MARGIN_MM
+    try:
+        P.TARGET_SLAB_MARGIN_MM = 1e9
+        everything = predict_case(inputs, net, cfg, steps=2, seed=1)
+    finally:
+        P.TARGET_SLAB_MARGIN_MM = full_margin
+    skipped = predict_case(inputs, net, cfg, steps=2, seed=1)
+    on_kept = np.zeros(120, bool)
+    on_kept[kept] = True
+    np.testing.assert_allclose(skipped.dose.array[on_kept], everything.dose.array[on_kept], atol=1e-4)
+    assert not skipped.dose.array[~on_kept].any()

@@ -251,9 +251,10 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
         opt.step()
         sched.step()
-        with torch.no_grad():
+        with torch.no_grad():  # warm-up: early on the average must not be dominated by the initialisation
+            decay = min(tcfg.ema_decay, (1 + state["step"]) / (10 + state["step"]))
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - tcfg.ema_decay)
+                pe.lerp_(pm, 1 - decay)
             for be, bm in zip(ema.buffers(), model.buffers()):
                 be.copy_(bm)
         state["step"] += 1

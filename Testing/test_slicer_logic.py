@@ -132,3 +132,14 @@ def test_compare_table(test_card):
     table, scores = logic.compare(res.dose_node, plan, seg)
     assert scores["dose_score"] == pytest.approx(0.0, abs=1e-6)
     assert table.GetNumberOfRows() > 0 and table.GetTable().GetColumnByName("Difference (Gy)") is not None
+
+
+def test_dose_joins_the_ct_study_with_its_unit(test_card):
+    scene, node, seg, *_ = make_scene()
+    sh = scene.GetSubjectHierarchyNode()
+    patient = sh.CreateSubjectItem(sh.GetSceneItemID(), "Patient")
+    study = sh.CreateStudyItem(patient, "Study")
+    sh.CreateItem(study, node)  # the application does this when a node is added
+    res = DoseDiffMRMLLogic().predict(node, seg, str(test_card), steps=1, seed=0)
+    assert sh.GetItemParent(sh.GetItemByDataNode(res.dose_node)) == study
+    assert sh.GetItemAttribute(study, "DicomRtImport.DoseUnitName") == "GY"

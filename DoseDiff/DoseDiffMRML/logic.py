@@ -144,8 +144,25 @@ class DoseDiffMRMLLogic:
         if pred.std is not None:
             std_node = add_volume_node(scene, ct_node, pred.std.array, f"{ct_node.GetName()} DoseDiff dose SD",
                                        {SOURCE_ATTRIBUTE: json.dumps(info)})
+        self._place_in_study(dose_node, ct_node)
         self.show_dose(dose_node, ct_node)
         return PredictionResult(dose_node, std_node, info)
+
+    @staticmethod
+    def _place_in_study(dose_node, ct_node) -> None:
+        """Put the dose beside the CT in the subject hierarchy; SlicerRT reads the dose unit from the study."""
+        scene = dose_node.GetScene()
+        sh = scene.GetSubjectHierarchyNode() if hasattr(scene, "GetSubjectHierarchyNode") else None
+        if sh is None:
+            return
+        ct_item = sh.GetItemByDataNode(ct_node)
+        parent = sh.GetItemParent(ct_item) if ct_item else sh.GetSceneItemID()
+        dose_item = sh.GetItemByDataNode(dose_node) or sh.CreateItem(parent, dose_node)
+        sh.SetItemParent(dose_item, parent)
+        study = sh.GetItemAncestorAtLevel(ct_item, "Study") if ct_item else 0
+        if study:
+            sh.SetItemAttribute(study, DOSE_UNIT_NAME, "GY")
+            sh.SetItemAttribute(study, DOSE_UNIT_VALUE, "1.0")
 
     def show_dose(self, dose_node, ct_node) -> None:
         """Dose colour wash over the CT; SlicerRT's dose colour table and isodose when present."""

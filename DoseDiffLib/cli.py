@@ -121,6 +121,9 @@ def cmd_predict(args) -> int:
 
 def _predict_openkbp_cohort(args) -> int:
     """Every pt_N under a split folder -> OUT/pt_N.csv; existing files are kept (resumable)."""
+    import time
+
+    import torch
     from tqdm import tqdm
 
     from . import openkbp
@@ -134,15 +137,22 @@ def _predict_openkbp_cohort(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     device = choose_device(args.device)
     model, cfg, _ = load_model(args.model, device)
+    timings_path = args.out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     for folder in tqdm(folders, desc="Patients", unit="patient"):
         out = args.out / f"{folder.name}.csv"
         if out.exists() and not args.overwrite:
             continue
+        t0 = time.perf_counter()
         inputs = prepare_openkbp(openkbp.read_patient(folder, with_dose=False), cfg)
         seed = args.seed if args.seed is not None else 0
         pred = predict_case(inputs, model, cfg, steps=args.steps, samples=args.samples, seed=seed,
                             device=device, batch_size=args.batch_size)
         openkbp.write_dose_csv(pred.dose, out, args.overwrite)
+        timings[folder.name] = {"seconds": round(time.perf_counter() - t0, 2), "device": str(device),
+                                "threads": torch.get_num_threads(), "steps": args.steps, "samples": args.samples,
+                                "slices": pred.info["slices_predicted"]}
+        timings_path.write_text(json.dumps(timings, indent=1))
     return 0
 
 
@@ -171,6 +181,20 @@ def cmd_evaluate(args) -> int:
     bar.close()
     brief = {k: v for k, v in overall.items() if k != "dvh_error_per_roi"}
     print(json.dumps(brief, indent=1))
+    if args.update_card:
+        from .modelcard import update_card
+
+        timing_file = args.predictions / "timings.json"
+        timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+        secs = [t["seconds"] for t in timings.values()]
+        measured = {"validation": {
+            "data": f"OpenKBP {args.openkbp.name} ({overall['patients']} patients)", **brief,
+            "dvh_error_per_roi": overall["dvh_error_per_roi"],
+            "seconds_per_volume": {"mean": round(sum(secs) / len(secs), 1), "max": max(secs),
+                                   **{k: v for k, v in next(iter(timings.values())).items() if k != "seconds"}}
+            if secs else None}}
+        update_card(args.update_card, measured)
+        print(f"updated {args.update_card}")
     return 0
 
 
@@ -281,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mapping", type=Path, help="ROI mapping JSON for local structure names")
     p.add_argument("--out", type=Path, required=True, help="report folder (metrics.json, CSVs, DVH plots)")
     p.add_argument("--no-gamma", action="store_true", help="skip gamma pass rates (the slowest part)")
+    p.add_argument("--update-card", type=Path, help="write the measured OpenKBP figures into this model card")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("prepare", help="cache OpenKBP patients for training")

@@ -128,3 +128,12 @@ def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.to(device=device, dtype=dtype).eval()
     return model, cfg, card
+
+
+def update_card(card_path: str | os.PathLike, info: dict[str, Any]) -> Path:
+    """Merge measured figures into a card (the weights and their checksum are untouched)."""
+    card = read_card(card_path)
+    path = Path(card.pop("_path"))
+    card.update(info)
+    text = json.dumps(card, indent=2) + "\n"
+    return atomic_write(path, lambda p: p.write_text(text), overwrite=True)

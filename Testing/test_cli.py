@@ -101,3 +101,24 @@ def test_demo_on_the_phantom(tmp_path, test_card, capsys):
     for f in ("dose.nrrd", "dvh.png", "dose_overlay.png", "ct.nrrd", "structures.seg.nrrd"):
         assert (tmp_path / "demo" / f).exists()
     assert main(["demo", "--model", str(test_card), "--out", str(tmp_path / "demo")]) == 2  # no silent overwrite
+
+
+@pytest.mark.slow
+def test_cohort_prediction_and_card_update(openkbp_patient, tiny_card, tmp_path):
+    import shutil
+
+    card = tmp_path / "m.json"
+    shutil.copy(tiny_card, card)
+    shutil.copy(tiny_card.with_suffix(".safetensors"), tmp_path / "m.safetensors")
+    preds = tmp_path / "preds"
+    assert main(["predict", "--openkbp", str(openkbp_patient.parent), "--model", str(card), "--out", str(preds),
+                 "--steps", "1"]) == 0
+    assert (preds / "pt_201.csv").exists() and "pt_201" in json.loads((preds / "timings.json").read_text())
+    assert main(["evaluate", "--openkbp", str(openkbp_patient.parent), "--predictions", str(preds),
+                 "--out", str(tmp_path / "rep"), "--no-gamma", "--no-plots", "--update-card", str(card)]) == 0
+    rep = json.loads((tmp_path / "rep" / "metrics.json").read_text())["overall"]
+    got = json.loads(card.read_text())["validation"]
+    assert got["dose_score"] == rep["dose_score"] and got["patients"] == 1
+    assert got["seconds_per_volume"]["mean"] > 0
+    from DoseDiffLib.modelcard import load_model
+    load_model(card)  # weights still match their checksum

@@ -129,3 +129,13 @@ def test_mask_resampling_keeps_volume_on_a_coarser_grid():
     v_fine = m.sum() * 0.25
     v_coarse = out.array.sum() * 8.0
     assert v_coarse == pytest.approx(v_fine, rel=0.1)
+
+
+def test_written_files_have_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    path = write_volume(asym_volume(), tmp_path / "v.nrrd")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

@@ -109,7 +109,7 @@ def test_cohort_prediction_and_card_update(openkbp_patient, tiny_card, tmp_path)
 
     card = tmp_path / "m.json"
     shutil.copy(tiny_card, card)
-    shutil.copy(tiny_card.with_suffix(".safetensors"), tmp_path / "m.safetensors")
+    shutil.copy(tiny_card.with_suffix(".safetensors"), tmp_path / tiny_card.with_suffix(".safetensors").name)
     preds = tmp_path / "preds"
     assert main(["predict", "--openkbp", str(openkbp_patient.parent), "--model", str(card), "--out", str(preds),
                  "--steps", "1"]) == 0

@@ -131,6 +131,8 @@ def _predict_openkbp_cohort(args) -> int:
     from .predict import predict_case, prepare_openkbp
     from .runtime import choose_device
 
+    if args.out is None:
+        raise DoseDiffError("A split folder needs --out FOLDER for the pt_N.csv files.", "Add --out preds/.")
     folders = openkbp.patient_folders(args.openkbp)
     if not folders:
         raise DoseDiffError(f"{args.openkbp} holds no OpenKBP patients.", "Point to a pt_N folder or a split folder.")

@@ -54,9 +54,10 @@ def network_rate(model: MMFNet, device: torch.device, batch: int, repeats: int =
     """Slice-steps per second of the bare network at this batch size."""
     cfg = model.cfg
     s = cfg.image_size
-    model.to(device)
+    model.to(device, memory_format=torch.channels_last)  # as predict.sample_dose runs it
+    cond = torch.randn(batch, cfg.cond_channels, s, s, device=device).to(memory_format=torch.channels_last)
     args = (torch.randn(batch, 1, s, s, device=device), torch.full((batch,), 500, device=device),
-            torch.randn(batch, 1, s, s, device=device), torch.randn(batch, cfg.cond_channels, s, s, device=device))
+            torch.randn(batch, 1, s, s, device=device), cond)
     with torch.inference_mode():
         model(*args)
         if device.type == "cuda":

@@ -49,7 +49,7 @@ def _add_predict(sub) -> None:
 
 
 def _check_outputs(args) -> None:
-    if args.out is None and getattr(args, "out_dicom", None) is None:
+    if args.out is None and args.out_dicom is None:
         raise DoseDiffError("No output given.", "Add --out dose.nrrd (or --out-dicom DIR with --dicom).")
     if args.out_dicom is not None and args.dicom is None:
         raise DoseDiffError("--out-dicom needs a --dicom input (the RTDOSE refers to its CT).", "Use --out instead.")
@@ -188,7 +188,6 @@ def cmd_evaluate(args) -> int:
 
         timing_file = args.predictions / "timings.json"
         timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-        secs = [t["seconds"] for t in timings.values()]
         measured = {"validation": {
             "data": f"OpenKBP {args.openkbp.name} ({overall['patients']} patients)", **brief,
             "dvh_error_per_roi": overall["dvh_error_per_roi"],

@@ -9,7 +9,7 @@ from typing import Mapping
 
 import numpy as np
 
-from .config import POSSIBLE_DOSE, ModelConfig
+from .config import ModelConfig
 from .psdm import psdm
 from .volume import Volume
 

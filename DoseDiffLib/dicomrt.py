@@ -9,7 +9,6 @@ Gy on the CT grid that keeps the CT's patient, study and frame of reference.
 from __future__ import annotations
 
 import datetime as _dt
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +21,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from . import __version__
-from .errors import DoseDiffError
+from .errors import DoseDiffError, warn
 from .volume import Volume, atomic_write, resample
 
-log = logging.getLogger(__name__)
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 RT_DOSE = "1.2.840.10008.5.1.4.1.1.481.2"
@@ -44,11 +42,6 @@ class DicomCase:
     ct_datasets: list[Dataset]          # headers, in slice order
     plan_uid: str | None = None
     warnings: list[str] = field(default_factory=list)
-
-
-def _warn(warnings: list[str], msg: str) -> None:
-    log.warning(msg)
-    warnings.append(msg)
 
 
 def _read(path: Path, headers_only: bool) -> Dataset | None:
@@ -83,7 +76,7 @@ def _scan(folder: Path, warnings: list[str]) -> list[tuple[Path, Dataset]]:
             continue
         found.append((f, ds))
     if skipped:
-        _warn(warnings, f"{skipped} non-DICOM file(s) in {folder} ignored.")
+        warn(warnings, f"{skipped} non-DICOM file(s) in {folder} ignored.")
     return found
 
 
@@ -136,7 +129,7 @@ def _ct_volume(files: list[tuple[Path, Dataset]], warnings: list[str]) -> tuple[
     origin = np.asarray(files[0][1].ImagePositionPatient, float)
     vol = Volume(arr, (col_spacing, row_spacing, step), tuple(origin), tuple(direction.ravel()))
     if gaps.max() - gaps.min() > 0.01 * step:
-        _warn(warnings, f"CT slice spacing varies ({gaps.min():.2f}-{gaps.max():.2f} mm); resampled to {step:.2f} mm.")
+        warn(warnings, f"CT slice spacing varies ({gaps.min():.2f}-{gaps.max():.2f} mm); resampled to {step:.2f} mm.")
         vol = _uniform_slices(arr, pos, vol)
     return vol, [ds for _, ds in files]
 
@@ -203,7 +196,7 @@ def _structures(ds: Dataset, ct: Volume, warnings: list[str]) -> dict[str, Volum
     nz, ny, nx = grid.shape
     for name, polys in rtstruct_contours(ds).items():
         if not polys:
-            _warn(warnings, f"ROI {name!r} has no contours; it is left empty.")
+            warn(warnings, f"ROI {name!r} has no contours; it is left empty.")
             out[name] = Volume.on_grid(np.zeros(grid.shape, np.uint8), grid)
             continue
         by_slice: dict[int, list[np.ndarray]] = {}
@@ -222,7 +215,7 @@ def _structures(ds: Dataset, ct: Volume, warnings: list[str]) -> dict[str, Volum
             if not by_slice:
                 raise DoseDiffError(f"ROI {name!r} lies entirely outside the CT ({outside} contours).",
                                     "Check that the RTSTRUCT belongs to this CT series.")
-            _warn(warnings, f"ROI {name!r}: {outside} contour(s) outside the CT slices were dropped.")
+            warn(warnings, f"ROI {name!r}: {outside} contour(s) outside the CT slices were dropped.")
         out[name] = Volume.on_grid(mask, grid)
     return out
 
@@ -288,7 +281,7 @@ def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> Dico
     structures: dict[str, Volume] = {}
     if structs:
         if len(structs) > 1:
-            _warn(warnings, f"{len(structs)} RTSTRUCTs found; using {structs[0][0].name}.")
+            warn(warnings, f"{len(structs)} RTSTRUCTs found; using {structs[0][0].name}.")
         f, _ = structs[0]
         ds = _read(f, headers_only=False)
         ref_for = {str(r.FrameOfReferenceUID) for r in getattr(ds, "ReferencedFrameOfReferenceSequence", [])}
@@ -299,7 +292,7 @@ def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> Dico
                                 f"the CT ({for_uid}).", "Export the structures drawn on this CT.")
         structures = _structures(ds, ct, warnings)
     else:
-        _warn(warnings, "No RTSTRUCT found.")
+        warn(warnings, "No RTSTRUCT found.")
     reference = None
     plan_uid = str(plans[0].SOPInstanceUID) if plans else None
     if doses:

@@ -52,15 +52,13 @@ class Diffusion:
         x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * out
         return x0, (1 - ab).sqrt() * x_t + ab.sqrt() * out
 
-    def loss(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
-             weight: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Mean squared error of the network output against its target at a random step."""
         b = x0.shape[0]
         t = torch.randint(0, self.T, (b,), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         x_t = self.q_sample(x0, t, noise)
-        err = (model_fn(x_t, t) - self.target(x0, t, noise)) ** 2
-        return (err * weight).mean() if weight is not None else err.mean()
+        return ((model_fn(x_t, t) - self.target(x0, t, noise)) ** 2).mean()
 
     def ddim_timesteps(self, steps: int) -> list[int]:
         """Evenly strided steps, highest first: 875, 750, ..., 0 for 8 of 1000."""

@@ -5,6 +5,8 @@ is wrong with the input and what to do about it, instead of a stack trace.
 """
 from __future__ import annotations
 
+import logging
+
 
 class DoseDiffError(ValueError):
     """An input or configuration problem, described with its fix."""
@@ -17,3 +19,9 @@ class DoseDiffError(ValueError):
 
 class Cancelled(RuntimeError):
     """Raised when the progress callback asks to stop."""
+
+
+def warn(warnings: list[str], message: str, logger: str = "DoseDiffLib") -> None:
+    """Log a warning and keep it for the user-facing report (CLI, GUI, model info)."""
+    logging.getLogger(logger).warning(message)
+    warnings.append(message)

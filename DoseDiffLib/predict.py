@@ -6,7 +6,6 @@ resampled to the model's spacing) -> conditions -> DDIM, slice batches -> dose i
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,14 +18,13 @@ from scipy import ndimage
 from .conditions import active_slices, build_inputs
 from .config import POSSIBLE_DOSE, ModelConfig
 from .diffusion import Diffusion
-from .errors import Cancelled, DoseDiffError
+from .errors import Cancelled, DoseDiffError, warn
 from .mmfnet import MMFNet
 from .openkbp import OpenKBPPatient
 from .rois import BODY, match_rois, unmatched_targets
 from .runtime import batch_size_for
 from .volume import IDENTITY, Grid, Volume, resample, resample_mask, to_axial
 
-log = logging.getLogger(__name__)
 
 # progress(done, total, message) -> False to cancel
 Progress = Callable[[int, int, str], "bool | None"]
@@ -55,11 +53,6 @@ class Prediction:
     dose: Volume                     # Gy on the CT grid
     std: Volume | None               # per-voxel standard deviation over samples, Gy
     info: dict
-
-
-def _warn(warnings: list[str], message: str) -> None:
-    log.warning(message)
-    warnings.append(message)
 
 
 def check_ct(ct: Volume) -> None:
@@ -111,10 +104,10 @@ def _structures_on_ct(ct: Volume, structures: Mapping[str, Volume], warnings: li
         if before > 0 and after == 0:
             raise DoseDiffError(f"Structure {name!r} lies entirely outside the CT.",
                                 "Check that the structures belong to this CT (same patient, same frame of reference).")
-        _warn(warnings, f"Structure {name!r} was on another grid; resampled to the CT grid "
+        warn(warnings, f"Structure {name!r} was on another grid; resampled to the CT grid "
                         f"({before / 1000:.1f} -> {after / 1000:.1f} cm3).")
         if before > 0 and after < 0.95 * before:
-            _warn(warnings, f"Structure {name!r} extends beyond the CT: {100 * (1 - after / before):.0f}% "
+            warn(warnings, f"Structure {name!r} extends beyond the CT: {100 * (1 - after / before):.0f}% "
                             "of its volume is outside the image.")
         out[name] = on_ct
     return out
@@ -126,13 +119,13 @@ def _select_rois(masks: Mapping[str, Volume], cfg: ModelConfig, mapping: Mapping
     wanted = list(cfg.conditions.rois)
     matched = match_rois(masks.keys(), wanted, mapping)
     for n in unmatched_targets(masks.keys(), matched):
-        _warn(warnings, f"Structure {n!r} looks like a target but matches none of the model's "
+        warn(warnings, f"Structure {n!r} looks like a target but matches none of the model's "
                         f"targets ({', '.join(t for t, _ in cfg.conditions.ptv_weights)}); it is ignored. "
                         "Map it in a mapping file only if its prescription really corresponds.")
     chosen: dict[str, Volume] = {}
     for roi, name in matched.items():
         if not masks[name].array.any():
-            _warn(warnings, f"Structure {name!r} ({roi}) is empty; treated as absent.")
+            warn(warnings, f"Structure {name!r} ({roi}) is empty; treated as absent.")
             continue
         chosen[roi] = masks[name]
     targets = [t for t, _ in cfg.conditions.ptv_weights]
@@ -148,7 +141,7 @@ def _select_rois(masks: Mapping[str, Volume], cfg: ModelConfig, mapping: Mapping
                                 f'Add the structure or map it: {{"{roi}": "<your name>"}}.')
     for roi in wanted:
         if roi not in chosen and roi not in cfg.conditions.required:
-            _warn(warnings, f"{roi} not found; its channels are zero (the model was trained with absent organs "
+            warn(warnings, f"{roi} not found; its channels are zero (the model was trained with absent organs "
                             "this way, but the dose near it is then unconstrained).")
     return chosen, matched
 
@@ -162,7 +155,7 @@ def model_grid(ct: Volume, body: np.ndarray, cfg: ModelConfig, warnings: list[st
     extent = float((hi - lo)[:2].max()) + 2 * max(ct.spacing[:2])
     s = max(cfg.grid.spacing_mm, extent / (n - 4))
     if s > cfg.grid.max_spacing_mm:
-        _warn(warnings, f"The body is {extent / 10:.0f} cm wide: the model grid is coarsened to {s:.2f} mm, "
+        warn(warnings, f"The body is {extent / 10:.0f} cm wide: the model grid is coarsened to {s:.2f} mm, "
                         f"outside the training range ({cfg.grid.min_spacing_mm}-{cfg.grid.max_spacing_mm} mm).")
     centre = (lo + hi) / 2
     origin = (centre[0] - (n - 1) / 2 * s, centre[1] - (n - 1) / 2 * s, ct.origin[2])
@@ -184,10 +177,10 @@ def prepare_case(ct: Volume, structures: Mapping[str, Volume], cfg: ModelConfig,
         matched[BODY] = body_name
     else:
         body = body_from_ct(ct)
-        _warn(warnings, f"No BODY/External structure: body contour thresholded from the CT at {BODY_THRESHOLD_HU:g} HU.")
+        warn(warnings, f"No BODY/External structure: body contour thresholded from the CT at {BODY_THRESHOLD_HU:g} HU.")
     for roi, m in chosen.items():
         if (m.array & ~body.astype(bool)).sum() > 0.05 * m.array.sum():
-            _warn(warnings, f"{roi} lies partly outside the body contour; dose there is set to zero.")
+            warn(warnings, f"{roi} lies partly outside the body contour; dose there is set to zero.")
     grid = model_grid(ct, body, cfg, warnings)
     ct_m = resample(ct, grid, "linear", default=-1024.0)
     masks_m = {roi: resample_mask(m, grid) for roi, m in chosen.items()}

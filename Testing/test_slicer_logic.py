@@ -18,7 +18,6 @@ from DoseDiffLib.errors import DoseDiffError  # noqa: E402
 from DoseDiffLib.modelcard import load_model  # noqa: E402
 from DoseDiffLib.phantom import head_and_neck  # noqa: E402
 from DoseDiffLib.predict import predict_case, prepare_case  # noqa: E402
-from DoseDiffLib.volume import Volume  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -52,13 +52,26 @@ class Diffusion:
         x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * out
         return x0, (1 - ab).sqrt() * x_t + ab.sqrt() * out
 
-    def loss(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Mean squared error of the network output against its target at a random step."""
+    def loss(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
+             kind: str = "mse", weight: torch.Tensor | None = None) -> torch.Tensor:
+        """Error of the network output against its target at a random step.
+
+        `kind` "l1" makes x0-prediction estimate the conditional median, which is what a
+        mean-absolute-error score (OpenKBP's) rewards; `weight` (broadcast to x0) lets
+        pixels that no score looks at count less. The result is the weighted mean.
+        """
+        if kind not in ("mse", "l1"):
+            raise ValueError(f"unknown loss {kind!r}")
         b = x0.shape[0]
         t = torch.randint(0, self.T, (b,), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         x_t = self.q_sample(x0, t, noise)
-        return ((model_fn(x_t, t) - self.target(x0, t, noise)) ** 2).mean()
+        diff = model_fn(x_t, t).float() - self.target(x0, t, noise).float()
+        err = diff.abs() if kind == "l1" else diff ** 2
+        if weight is None:
+            return err.mean()
+        weight = weight.expand_as(err)
+        return (err * weight).sum() / weight.sum().clamp_min(1e-12)
 
     def ddim_timesteps(self, steps: int) -> list[int]:
         """Evenly strided steps, highest first: 875, 750, ..., 0 for 8 of 1000."""

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import POSSIBLE_DOSE, ModelConfig
 from .diffusion import Diffusion
 from .metrics import dose_score, dvh_errors, dvh_metrics, dvh_score
 from .mmfnet import MMFNet
@@ -52,6 +52,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     seed: int = 0
     threads: int = 0
+    loss: str = "mse"              # mse | l1 (l1: median, what OpenKBP's MAE-type score rewards)
+    outside_weight: float = 1.0    # weight of pixels outside the possible-dose mask
+    init: str = ""                 # model card whose weights start a new run (warm start)
 
 
 class SliceCache:
@@ -108,6 +111,18 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
         swapped[:, [r, l]] = swapped[:, [l, r]]
         ps[flip] = swapped
     return ct, ps, dose
+
+
+def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> None:
+    """Start from a trained model of the same configuration (e.g. to fine-tune with another loss)."""
+    from .modelcard import load_model
+
+    trained, cfg, _ = load_model(card, "cpu")
+    if cfg.to_dict() != mcfg.to_dict():
+        raise ValueError(f"{card} has another model configuration than this run; warm start needs the same one")
+    state = {k: v.float() for k, v in trained.state_dict().items()}
+    model.load_state_dict(state)
+    ema.load_state_dict(state)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -194,6 +209,8 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
     g = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
     state = {"step": 0, "best": float("inf"), "seconds": 0.0}
     ckpt = run_dir / "checkpoint.pt"
+    if tcfg.init and not ckpt.exists():
+        _warm_start(model, ema, mcfg, Path(tcfg.init))
     if ckpt.exists():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         if saved["train_config"]["preset"] != tcfg.preset or saved["train_config"]["prediction"] != tcfg.prediction:
@@ -244,8 +261,10 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
         ct, ps, dose = augment(ct, ps, dose, tcfg, g)
         ct, dose = ct.to(device), dose.to(device)
         cond = conditions_from_psdm(ps, mcfg).to(device, memory_format=torch.channels_last)
+        inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None].to(device)
+        weight = torch.where(inside, 1.0, tcfg.outside_weight)
         with autocast:
-            loss = diffusion.loss(lambda x, t: net(x, t, ct, cond), dose, generator=g)
+            loss = diffusion.loss(lambda x, t: net(x, t, ct, cond), dose, generator=g, kind=tcfg.loss, weight=weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)

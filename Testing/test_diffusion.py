@@ -112,3 +112,22 @@ def test_training_loss_is_zero_for_an_oracle():
         return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
     assert d.loss(fn, x0, generator=g).item() < 1e-8
     assert seen["t"].min() >= 0 and seen["t"].max() < 1000
+
+
+@pytest.mark.parametrize("kind,expected", [("mse", 0.09), ("l1", 0.3)])
+def test_loss_kinds_and_weights_against_closed_forms(kind, expected):
+    """x0-prediction off by 0.3 inside a region and by 2.0 outside: the weight decides what counts."""
+    d = Diffusion(DiffusionConfig(prediction="x0"))
+    x0 = torch.zeros((2, 1, 8, 8))
+    inside = torch.zeros_like(x0, dtype=torch.bool)
+    inside[..., 2:6, 2:6] = True
+    fn = lambda x_t, t: x0 + torch.where(inside, 0.3, 2.0)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    masked = d.loss(fn, x0, generator=g, kind=kind, weight=inside.float())
+    assert masked.item() == pytest.approx(expected, rel=1e-5)
+    # outside pixels at a tenth of the weight: (16 * e_in + 0.1 * 48 * e_out) / (16 + 4.8)
+    e_out = 4.0 if kind == "mse" else 2.0
+    partly = d.loss(fn, x0, generator=g, kind=kind, weight=torch.where(inside, 1.0, 0.1))
+    assert partly.item() == pytest.approx((16 * expected + 4.8 * e_out) / 20.8, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown loss"):
+        d.loss(fn, x0, kind="huber")

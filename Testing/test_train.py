@@ -133,3 +133,26 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     sums = [r["replica_param_sums"] for r in log if "replica_param_sums" in r][-1]
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], abs=1e-9)
+
+
+def test_warm_start_begins_from_the_card_and_refuses_another_configuration(tmp_path):
+    from DoseDiffLib.mmfnet import MMFNet
+    from DoseDiffLib.modelcard import save_model
+    from DoseDiffLib.train import train
+
+    cache = make_cache(tmp_path)
+    cfg = ModelConfig.preset("test")
+    torch.manual_seed(3)
+    start = MMFNet(cfg.net)
+    for p in start.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_model(start, cfg, tmp_path / "start.json", {}, half=False)
+    common = dict(preset="test", prediction="epsilon", steps=1, batch_size=2, val_every=0, checkpoint_every=1,
+                  threads=1, lr=0.0, weight_decay=0.0, init=str(tmp_path / "start.json"), loss="l1",
+                  outside_weight=0.1)
+    train(cache, tmp_path / "run", TrainConfig(**common), torch.device("cpu"))
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    for k, v in start.state_dict().items():  # lr 0: one step leaves the warm start unchanged
+        assert torch.equal(ck["model"][k], v), k
+    with pytest.raises(ValueError, match="another model configuration"):
+        train(cache, tmp_path / "run2", TrainConfig(**{**common, "prediction": "x0"}), torch.device("cpu"))

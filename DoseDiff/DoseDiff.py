@@ -57,7 +57,7 @@ class DoseDiffParameterNode:
     modelPath: str = ""
     roiMapping: str = "{}"
     device: str = "auto"
-    steps: int = 8
+    steps: int = 0          # 0: the model card's validated setting
     samples: int = 1
     seed: int = 0
     uncertainty: bool = False
@@ -162,7 +162,7 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         try:
             mapping = json.loads(p.roiMapping or "{}") or None
             result = self.logic.mrml.predict(p.inputVolume, p.segmentation, p.modelPath, mapping, p.device,
-                                             p.steps, p.samples, p.seed, p.uncertainty, self._progress)
+                                             p.steps or None, p.samples, p.seed, p.uncertainty, self._progress)
             p.outputDose = result.dose_node
             slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=result.dose_node,
                                              foregroundOpacity=0.5)

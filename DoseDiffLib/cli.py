@@ -40,7 +40,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--series-uid", help="CT series to use when the DICOM folder holds several")
     p.add_argument("--std-out", type=Path, help="also write the per-voxel standard deviation (needs --samples > 1)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model card (.json)")
-    p.add_argument("--steps", type=int, default=8, help="DDIM steps (default 8)")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model card's validated setting)")
     p.add_argument("--samples", type=int, default=1, help="samples averaged (default 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, reported)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -152,7 +152,7 @@ def _predict_openkbp_cohort(args) -> int:
                             device=device, batch_size=args.batch_size)
         openkbp.write_dose_csv(pred.dose, out, args.overwrite)
         timings[folder.name] = {"seconds": round(time.perf_counter() - t0, 2), "device": str(device),
-                                "threads": torch.get_num_threads(), "steps": args.steps, "samples": args.samples,
+                                "threads": torch.get_num_threads(), "steps": pred.info["steps"], "samples": args.samples,
                                 "slices": pred.info["slices_predicted"]}
         timings_path.write_text(json.dumps(timings, indent=1))
     return 0
@@ -243,7 +243,8 @@ def cmd_demo(args) -> int:
     dose_overlay(ct.array, pred.dose.array, roi_masks, ct.spacing, out / "dose_overlay.png",
                  f"DoseDiff predicted dose, {title} (research and planning guidance only)")
     print(f"DoseDiff {card['name']} on the {title}: {pred.info['slices_predicted']} slices, "
-          f"{pred.info['seconds_sampling']:.1f} s sampling on {pred.info['device']} (seed {pred.info['seed']})")
+          f"{pred.info['seconds_sampling']:.1f} s sampling ({pred.info['steps']} DDIM steps) on {pred.info['device']} "
+          f"(seed {pred.info['seed']})")
     print("Research and planning guidance only: not a treatment planning system dose calculation.")
     for line in plan_summary(pred.dose.array, roi_masks, ct.grid.voxel_volume_mm3()):
         print("  " + line)
@@ -300,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("dosediff-demo"))
     p.add_argument("--openkbp", type=Path, help="run on this OpenKBP patient instead, and score it")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model card's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")

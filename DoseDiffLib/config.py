@@ -96,6 +96,10 @@ class DiffusionConfig:
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: str = "epsilon"   # epsilon | x0 | v
+    # "leading": 875, 750, ..., 0 for 8 steps (the authors'); "trailing": 999, 874, ..., 124,
+    # so that one step is a single call at t = T-1, from pure noise (Lin et al. 2024)
+    timestep_spacing: str = "leading"
+    default_steps: int = 8        # the sampler setting this model was validated with
 
 
 @dataclass(frozen=True)

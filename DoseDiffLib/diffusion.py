@@ -53,17 +53,20 @@ class Diffusion:
         return x0, (1 - ab).sqrt() * x_t + ab.sqrt() * out
 
     def loss(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
-             kind: str = "mse", weight: torch.Tensor | None = None) -> torch.Tensor:
+             kind: str = "mse", weight: torch.Tensor | None = None, last_step_fraction: float = 0.0) -> torch.Tensor:
         """Error of the network output against its target at a random step.
 
         `kind` "l1" makes x0-prediction estimate the conditional median, which is what a
         mean-absolute-error score (OpenKBP's) rewards; `weight` (broadcast to x0) lets
         pixels that no score looks at count less. The result is the weighted mean.
+        `last_step_fraction` of the samples are drawn at t = T-1, the only step a one-step
+        sampler uses; the rest uniformly, so every step of a longer sampler stays trained.
         """
         if kind not in ("mse", "l1"):
             raise ValueError(f"unknown loss {kind!r}")
         b = x0.shape[0]
-        t = torch.randint(0, self.T, (b,), generator=generator).to(x0.device)
+        t = torch.randint(0, self.T, (b,), generator=generator)
+        t = torch.where(torch.rand(b, generator=generator) < last_step_fraction, self.T - 1, t).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         x_t = self.q_sample(x0, t, noise)
         diff = model_fn(x_t, t).float() - self.target(x0, t, noise).float()
@@ -74,9 +77,13 @@ class Diffusion:
         return (err * weight).sum() / weight.sum().clamp_min(1e-12)
 
     def ddim_timesteps(self, steps: int) -> list[int]:
-        """Evenly strided steps, highest first: 875, 750, ..., 0 for 8 of 1000."""
+        """Highest first. Leading: 875, 750, ..., 0 for 8 of 1000; trailing: 999, 874, ..., 124."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"DDIM steps must be between 1 and {self.T}, got {steps}")
+        if self.cfg.timestep_spacing == "trailing":
+            return [round(self.T - i * self.T / steps) - 1 for i in range(steps)]
+        if self.cfg.timestep_spacing != "leading":
+            raise ValueError(f"unknown timestep spacing {self.cfg.timestep_spacing!r}")
         stride = self.T // steps
         return list(range(0, stride * steps, stride))[::-1]
 

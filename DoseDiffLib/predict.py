@@ -264,9 +264,10 @@ def dose_slices(inputs: ModelInputs, cfg: ModelConfig) -> np.ndarray:
     return slices[dist[slices] <= TARGET_SLAB_MARGIN_MM]
 
 
-def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: int = 8, samples: int = 1,
+def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: int | None = None, samples: int = 1,
                  seed: int | None = None, device: torch.device | str = "cpu", batch_size: int | None = None,
                  with_std: bool = False, progress: Progress | None = None) -> Prediction:
+    steps = cfg.diffusion.default_steps if steps is None else steps  # the card's validated sampler
     if samples < 1 or steps < 1:
         raise DoseDiffError("Steps and samples must be at least 1.")
     if seed is None:

@@ -55,6 +55,8 @@ class TrainConfig:
     loss: str = "mse"              # mse | l1 (l1: median, what OpenKBP's MAE-type score rewards)
     outside_weight: float = 1.0    # weight of pixels outside the possible-dose mask
     init: str = ""                 # model card whose weights start a new run (warm start)
+    timestep_spacing: str = "leading"  # of the sampler the model ships with (and is validated by)
+    last_step_fraction: float = 0.0    # slices trained at t = T-1, the one-step sampler's only step
 
 
 class SliceCache:
@@ -118,7 +120,12 @@ def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> No
     from .modelcard import load_model
 
     trained, cfg, _ = load_model(card, "cpu")
-    if cfg.to_dict() != mcfg.to_dict():
+
+    def meaning(c: ModelConfig) -> dict:  # what the weights depend on; the sampler's settings are free
+        d = c.to_dict()
+        d["diffusion"] = {k: v for k, v in d["diffusion"].items() if k not in ("timestep_spacing", "default_steps")}
+        return d
+    if meaning(cfg) != meaning(mcfg):
         raise ValueError(f"{card} has another model configuration than this run; warm start needs the same one")
     state = {k: v.float() for k, v in trained.state_dict().items()}
     model.load_state_dict(state)
@@ -199,7 +206,9 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
     run_dir.mkdir(parents=True, exist_ok=True)
     base = ModelConfig.preset(tcfg.preset)
     mcfg = ModelConfig(net=base.net, conditions=base.conditions, norm=base.norm,
-                       diffusion=type(base.diffusion)(prediction=tcfg.prediction), grid=base.grid)
+                       diffusion=type(base.diffusion)(prediction=tcfg.prediction, timestep_spacing=tcfg.timestep_spacing,
+                                                      default_steps=tcfg.val_steps),
+                       grid=base.grid)
     torch.manual_seed(tcfg.seed)
     # channels-last convolutions run twice as fast on CPU (oneDNN) and suit CUDA tensor cores
     model = MMFNet(mcfg.net).to(device, memory_format=torch.channels_last)
@@ -264,7 +273,8 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
         inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None].to(device)
         weight = torch.where(inside, 1.0, tcfg.outside_weight)
         with autocast:
-            loss = diffusion.loss(lambda x, t: net(x, t, ct, cond), dose, generator=g, kind=tcfg.loss, weight=weight)
+            loss = diffusion.loss(lambda x, t: net(x, t, ct, cond), dose, generator=g, kind=tcfg.loss, weight=weight,
+                                  last_step_fraction=tcfg.last_step_fraction)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)

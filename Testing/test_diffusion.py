@@ -26,6 +26,43 @@ def test_ddim_timesteps_match_the_authors_spacing():
         d.ddim_timesteps(0)
 
 
+def test_trailing_spacing_starts_from_pure_noise():
+    d = Diffusion(DiffusionConfig(timestep_spacing="trailing"))
+    assert d.ddim_timesteps(8) == [999, 874, 749, 624, 499, 374, 249, 124]
+    assert d.ddim_timesteps(1) == [999]
+    assert d.ddim_timesteps(1000) == list(range(999, -1, -1))
+    with pytest.raises(ValueError, match="spacing"):
+        Diffusion(DiffusionConfig(timestep_spacing="middle")).ddim_timesteps(8)
+
+
+def test_one_trailing_step_of_x0_prediction_is_one_network_call_at_the_last_step():
+    """The regression read-out: the clamped network output at t = T-1, nothing added."""
+    d = Diffusion(DiffusionConfig(prediction="x0", timestep_spacing="trailing"))
+    seen = []
+
+    def fn(x, t):
+        seen.append(t.tolist())
+        return 0.7 * torch.ones_like(x) + 0.5 * (torch.arange(x.shape[-1]) > 1)
+    out = d.ddim_sample(fn, (2, 1, 1, 4), steps=1, generator=torch.Generator().manual_seed(0))
+    assert seen == [[999, 999]]
+    assert torch.allclose(out, torch.tensor([0.7, 0.7, 1.0, 1.0]).expand(2, 1, 1, 4))
+
+
+def test_last_step_fraction_draws_that_share_at_t_max():
+    d = Diffusion(DiffusionConfig(prediction="x0"))
+    x0 = torch.zeros((4000, 1, 1, 1))
+    ts = []
+
+    def fn(x, t):
+        ts.append(t)
+        return x
+    d.loss(fn, x0, generator=torch.Generator().manual_seed(0), last_step_fraction=0.5)
+    share = (ts[0] == 999).float().mean().item()
+    assert share == pytest.approx(0.5 + 0.5 / 1000, abs=0.03)
+    d.loss(fn, x0, generator=torch.Generator().manual_seed(0))
+    assert (ts[1] == 999).float().mean().item() < 0.01 and ts[1].min() < 50
+
+
 def _oracle(d: Diffusion, x0: torch.Tensor):
     """A perfect network: recovers the target from x_t knowing x0."""
     def fn(x_t, t):

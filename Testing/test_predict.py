@@ -188,3 +188,17 @@ def test_slices_far_from_every_target_are_skipped_without_changing_the_rest(mode
     on_kept[kept] = True
     np.testing.assert_allclose(skipped.dose.array[on_kept], everything.dose.array[on_kept], atol=1e-4)
     assert not skipped.dose.array[~on_kept].any()
+
+
+def test_default_steps_come_from_the_model_card(model, phantom):
+    from dataclasses import replace
+
+    net, cfg, _ = model
+    ct, masks = phantom
+    trailing = replace(cfg, diffusion=replace(cfg.diffusion, timestep_spacing="trailing", default_steps=1))
+    inputs = prepare_case(ct, masks, trailing)
+    by_default = predict_case(inputs, net, trailing, seed=4)
+    explicit = predict_case(inputs, net, trailing, steps=1, seed=4)
+    assert by_default.info["steps"] == 1
+    np.testing.assert_array_equal(by_default.dose.array, explicit.dose.array)
+    assert not np.array_equal(predict_case(inputs, net, trailing, steps=2, seed=4).dose.array, by_default.dose.array)

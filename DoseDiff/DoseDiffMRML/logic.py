@@ -122,7 +122,7 @@ class DoseDiffMRMLLogic:
             return {}
 
     def predict(self, ct_node, segmentation_node, card_path: str, mapping: dict[str, str | None] | None = None,
-                device: str = "auto", steps: int = 8, samples: int = 1, seed: int | None = 0,
+                device: str = "auto", steps: int | None = None, samples: int = 1, seed: int | None = 0,
                 with_std: bool = False, progress: Callable[[int, int, str], "bool | None"] | None = None
                 ) -> PredictionResult:
         """New dose (and optional uncertainty) nodes on the CT geometry; the scene is touched only at the end."""

@@ -243,7 +243,7 @@ def cmd_demo(args) -> int:
     dose_overlay(ct.array, pred.dose.array, roi_masks, ct.spacing, out / "dose_overlay.png",
                  f"DoseDiff predicted dose, {title} (research and planning guidance only)")
     print(f"DoseDiff {card['name']} on the {title}: {pred.info['slices_predicted']} slices, "
-          f"{pred.info['seconds_sampling']:.1f} s sampling ({pred.info['steps']} DDIM steps) on {pred.info['device']} "
+          f"{pred.info['seconds_sampling']:.1f} s sampling ({pred.info['steps']} DDIM step{'s' if pred.info['steps'] != 1 else ''}) on {pred.info['device']} "
           f"(seed {pred.info['seed']})")
     print("Research and planning guidance only: not a treatment planning system dose calculation.")
     for line in plan_summary(pred.dose.array, roi_masks, ct.grid.voxel_volume_mm3()):

@@ -128,11 +128,11 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
-    assert ck["state"]["step"] == 3 and len(ck["rng"]) == 2
+    assert ck["state"]["step"] == 3 and len(ck["rng"]) == 2, outs
     assert not torch.equal(ck["rng"][0], ck["rng"][1])  # each rank drew its own slices
     log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     sums = [r["replica_param_sums"] for r in log if "replica_param_sums" in r][-1]
-    assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], abs=1e-9)
+    assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], abs=1e-9), outs
 
 
 def test_warm_start_begins_from_the_card_and_refuses_another_configuration(tmp_path):

@@ -7,6 +7,7 @@ authors' code shipped a 96-vs-128 channel mismatch that way).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import ClassVar
 
 OARS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx", "Mandible")
 TARGETS = {"PTV70": 70.0, "PTV63": 63.0, "PTV56": 56.0}
@@ -101,6 +102,9 @@ class DiffusionConfig:
     timestep_spacing: str = "leading"
     default_steps: int = 8        # the sampler setting this model was validated with
 
+    # how a trained network is sampled, not what its weights mean: free to differ on a warm start
+    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("timestep_spacing", "default_steps")
+
 
 @dataclass(frozen=True)
 class GridConfig:
@@ -128,6 +132,12 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def weights_dict(self) -> dict:
+        """The settings trained weights depend on: everything but the sampler's."""
+        d = self.to_dict()
+        d["diffusion"] = {k: v for k, v in d["diffusion"].items() if k not in DiffusionConfig.SAMPLER_SETTINGS}
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

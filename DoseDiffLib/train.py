@@ -120,12 +120,7 @@ def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> No
     from .modelcard import load_model
 
     trained, cfg, _ = load_model(card, "cpu")
-
-    def meaning(c: ModelConfig) -> dict:  # what the weights depend on; the sampler's settings are free
-        d = c.to_dict()
-        d["diffusion"] = {k: v for k, v in d["diffusion"].items() if k not in ("timestep_spacing", "default_steps")}
-        return d
-    if meaning(cfg) != meaning(mcfg):
+    if cfg.weights_dict() != mcfg.weights_dict():
         raise ValueError(f"{card} has another model configuration than this run; warm start needs the same one")
     state = {k: v.float() for k, v in trained.state_dict().items()}
     model.load_state_dict(state)

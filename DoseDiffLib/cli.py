@@ -27,6 +27,22 @@ def _progress_bar(desc: str):
     return bar, update
 
 
+def _add_sampler(p) -> None:
+    from .config import SAMPLERS
+
+    p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="regression (one call, fastest) or ddim (the paper's 8 steps, 4 samples, mirrored); "
+                        "default: the one the model card was validated with")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (overrides the sampler's)")
+    p.add_argument("--samples", type=int, default=None, help="samples averaged (overrides the sampler's)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="also predict the mirrored patient and average (overrides the sampler's)")
+
+
+def _sampler_args(args) -> dict:
+    return {"sampler": args.sampler, "steps": args.steps, "samples": args.samples, "flip": args.flip}
+
+
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict a dose volume")
     src = p.add_mutually_exclusive_group(required=True)
@@ -40,8 +56,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--series-uid", help="CT series to use when the DICOM folder holds several")
     p.add_argument("--std-out", type=Path, help="also write the per-voxel standard deviation (needs --samples > 1)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model card (.json)")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model card's validated setting)")
-    p.add_argument("--samples", type=int, default=1, help="samples averaged (default 1)")
+    _add_sampler(p)
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, reported)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--batch-size", type=int, default=None, help="slices per network call (default: fits memory)")
@@ -64,7 +79,7 @@ def _check_outputs(args) -> None:
 def cmd_predict(args) -> int:
     from . import openkbp
     from .modelcard import load_model
-    from .predict import prepare_case, prepare_openkbp, predict_case
+    from .predict import predict_case, prepare_case, prepare_openkbp, resolve_sampler
     from .rois import read_mapping
     from .runtime import choose_device
     from .volume import read_structures, read_volume, write_volume
@@ -72,10 +87,10 @@ def cmd_predict(args) -> int:
     if args.openkbp and not (args.openkbp / "ct.csv").exists():
         return _predict_openkbp_cohort(args)
     _check_outputs(args)
-    if args.std_out and args.samples < 2:
-        raise DoseDiffError("--std-out needs at least two samples.", "Add --samples 4 (or more).")
     device = choose_device(args.device)
     model, cfg, card = load_model(args.model, device)
+    if args.std_out and resolve_sampler(cfg, **_sampler_args(args))[1].samples < 2:
+        raise DoseDiffError("--std-out needs at least two samples.", "Use --sampler ddim or add --samples 4.")
     if args.openkbp:
         patient = openkbp.read_patient(args.openkbp, with_dose=False)
         inputs = prepare_openkbp(patient, cfg)
@@ -98,7 +113,7 @@ def cmd_predict(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     bar, update = _progress_bar("Predicting dose")
     try:
-        pred = predict_case(inputs, model, cfg, steps=args.steps, samples=args.samples, seed=args.seed,
+        pred = predict_case(inputs, model, cfg, **_sampler_args(args), seed=args.seed,
                             device=device, batch_size=args.batch_size, with_std=args.std_out is not None,
                             progress=update)
     finally:
@@ -148,11 +163,12 @@ def _predict_openkbp_cohort(args) -> int:
         t0 = time.perf_counter()
         inputs = prepare_openkbp(openkbp.read_patient(folder, with_dose=False), cfg)
         seed = args.seed if args.seed is not None else 0
-        pred = predict_case(inputs, model, cfg, steps=args.steps, samples=args.samples, seed=seed,
+        pred = predict_case(inputs, model, cfg, **_sampler_args(args), seed=seed,
                             device=device, batch_size=args.batch_size)
         openkbp.write_dose_csv(pred.dose, out, args.overwrite)
         timings[folder.name] = {"seconds": round(time.perf_counter() - t0, 2), "device": str(device),
-                                "threads": torch.get_num_threads(), "steps": pred.info["steps"], "samples": args.samples,
+                                "threads": torch.get_num_threads(), "sampler": pred.info["sampler"], "steps": pred.info["steps"],
+                                "samples": pred.info["samples"], "flip": pred.info["flip"],
                                 "slices": pred.info["slices_predicted"]}
         timings_path.write_text(json.dumps(timings, indent=1))
     return 0
@@ -232,7 +248,7 @@ def cmd_demo(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     bar, update = _progress_bar("Predicting dose")
     try:
-        pred = predict_case(inputs, model, cfg, steps=args.steps, samples=1, seed=args.seed, device=device,
+        pred = predict_case(inputs, model, cfg, **_sampler_args(args), seed=args.seed, device=device,
                             progress=update)
     finally:
         bar.close()
@@ -264,7 +280,7 @@ def _timing_summary(timings: dict) -> dict:
     secs = [r["seconds"] for r in rows]
     return {"mean": round(sum(secs) / len(secs), 1), "max": max(secs),
             "mean_slices_predicted": round(sum(r["slices"] for r in rows) / len(rows), 1),
-            **{k: rows[0][k] for k in ("device", "threads", "steps", "samples")}}
+            **{k: rows[0][k] for k in ("device", "threads", "sampler", "steps", "samples", "flip")}}
 
 
 def cmd_init_model(args) -> int:
@@ -301,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("dosediff-demo"))
     p.add_argument("--openkbp", type=Path, help="run on this OpenKBP patient instead, and score it")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model card's)")
+    _add_sampler(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")

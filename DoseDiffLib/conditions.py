@@ -1,47 +1,145 @@
-"""Network inputs for one patient on the model's grid: normalised CT and condition stack.
+"""Network inputs: the one place where the CT and ROI masks become network channels.
 
-Training (`prepare`) and prediction build the inputs here and nowhere else, in the
-channel order the model card lists, so the two can never disagree.
+Training (from the cache) and prediction (from a case on the model grid) both go
+through `gather` then `assemble`, in the channel order of `ConditionConfig`, so the
+two can never disagree (the authors' code shipped a 96-vs-128 channel mismatch).
+Everything starts from a stack of PSDMs in `STACK_ROIS` order: a PSDM is positive
+exactly inside its ROI, so masks, the PTV image and beam lines are all derived from it.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
+import torch
 
-from .config import ModelConfig
+from .config import POSSIBLE_DOSE, ModelConfig
+from .openkbp import ROIS
 from .psdm import psdm
 from .volume import Volume
 
+STACK_ROIS: tuple[str, ...] = ROIS + (POSSIBLE_DOSE,)
+# Left-right pairs: a mirrored patient has the other parotid on this side.
+LR_PAIRS = (("RightParotid", "LeftParotid"),)
 
-def build_inputs(ct_hu: Volume, masks: Mapping[str, Volume], cfg: ModelConfig,
-                 dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
-    """Return (ct (Z, H, W), conditions (Z, C, H, W)) in network units.
 
-    `masks` maps model ROI names (and `possible_dose_mask`) to uint8 volumes on the CT
-    grid; absent ROIs give zero masks and zero PSDMs, as the model was trained.
-    """
-    grid = ct_hu.grid
-    for name, m in masks.items():
-        if m.grid != grid:
-            raise ValueError(f"mask {name} is not on the CT grid")
-    c = cfg.conditions
-    z, h, w = grid.shape
-    cond = np.zeros((z, c.n_channels, h, w), dtype)
-    for name, weight in c.ptv_weights:
-        if name in masks:
-            cond[:, 0] += weight * masks[name].array
-    for i, name in enumerate(c.masks):
-        if name in masks:
-            cond[:, 1 + i] = masks[name].array
-    base = 1 + len(c.masks)
-    for i, name in enumerate(c.psdms):
-        if name in masks and masks[name].array.any():
-            cond[:, base + i] = psdm(masks[name]).array
-    ct = cfg.norm.ct(ct_hu.array.astype(np.float32)).astype(dtype)
-    return ct, cond
+@dataclass
+class SliceStack:
+    """The slices where dose is possible, in network units: what `gather` reads from."""
+
+    slices: np.ndarray   # (N,) indices into the case's Z axis
+    ct: np.ndarray       # (N, H, W) normalised CT
+    psdm: np.ndarray     # (N, R, H, W) PSDMs in STACK_ROIS order
 
 
 def active_slices(possible_dose: np.ndarray) -> np.ndarray:
     """Indices of slices where dose is possible: the only ones worth predicting."""
     return np.flatnonzero(possible_dose.reshape(possible_dose.shape[0], -1).any(axis=1))
+
+
+def psdm_stack(masks: Mapping[str, Volume], shape: tuple[int, int, int], dtype=np.float32) -> np.ndarray:
+    """(Z, R, H, W) PSDMs of the ROIs in STACK_ROIS order; absent or empty ROIs are zero."""
+    out = np.zeros((shape[0], len(STACK_ROIS)) + tuple(shape[1:]), dtype)
+    for i, roi in enumerate(STACK_ROIS):
+        if roi in masks and masks[roi].array.any():
+            out[:, i] = psdm(masks[roi]).array
+    return out
+
+
+def slice_stack(ct_hu: Volume, masks: Mapping[str, Volume], cfg: ModelConfig) -> SliceStack:
+    """A case on the model grid as the active-slice stack the network reads."""
+    for name, m in masks.items():
+        if m.grid != ct_hu.grid:
+            raise ValueError(f"mask {name} is not on the CT grid")
+    sl = active_slices(masks[POSSIBLE_DOSE].array)
+    ps = psdm_stack(masks, ct_hu.array.shape)[sl]
+    ct = cfg.norm.ct(ct_hu.array[sl].astype(np.float32)).astype(np.float32)
+    return SliceStack(sl, ct, ps)
+
+
+def neighbours(n: int, rows: np.ndarray, offsets: tuple[int, ...]) -> np.ndarray:
+    """(B, len(offsets)) stack rows of each row's neighbours; the stack's ends repeat."""
+    return np.clip(np.asarray(rows)[:, None] + np.asarray(offsets, int)[None, :], 0, n - 1)
+
+
+def gather(ct: np.ndarray, ps: np.ndarray, rows: np.ndarray,
+           cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw network material for some rows of a slice stack, as float32 tensors.
+
+    Returns the CT with its context slices (B, 1 + 2k, H, W), the slice's PSDMs
+    (B, R, H, W) and the targets' PSDMs on the context slices (B, 2k, T, H, W).
+    """
+    c = cfg.conditions
+    rows = np.asarray(rows)
+    nb = neighbours(len(ct), rows, c.context_offsets)
+    t_idx = [STACK_ROIS.index(n) for n, _ in c.ptv_weights]
+    f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
+    ct_ctx = np.concatenate([ct[rows][:, None], ct[nb]], axis=1) if nb.size else ct[rows][:, None]
+    ps_ctx = ps[nb][:, :, t_idx] if nb.size else np.zeros((len(rows), 0, len(t_idx)) + ct.shape[1:], np.float32)
+    return f(ct_ctx), f(ps[rows]), f(ps_ctx)
+
+
+def beam_directions(cfg: ModelConfig, batch: int) -> torch.Tensor:
+    """(B, A, 2) unit (x, y) pixel directions of the beams in the patient's own frame."""
+    a = torch.tensor([math.radians(d) for d in cfg.conditions.beam_angles_deg], dtype=torch.float32)
+    return torch.stack([torch.sin(a), torch.cos(a)], -1).expand(batch, -1, -1)
+
+
+def beam_lines(targets: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Share of the beam lines through each pixel that cross the target on that slice.
+
+    targets (B, K, H, W) boolean; directions (B, A, 2) unit (x, y) vectors in pixels.
+    Parallel-beam approximation: pixels are binned, one pixel wide, by their coordinate
+    across each beam; a line crosses the target if any target pixel shares its bin.
+    """
+    b, k, h, w = targets.shape
+    a = directions.shape[1]
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32) - (h - 1) / 2,
+                          torch.arange(w, dtype=torch.float32) - (w - 1) / 2, indexing="ij")
+    across = directions[..., 1:2] * x.reshape(1, 1, -1) - directions[..., 0:1] * y.reshape(1, 1, -1)
+    half = math.ceil(math.hypot(h, w) / 2) + 1
+    idx = (torch.round(across).long() + half).to(targets.device)            # (B, A, HW)
+    idx = idx[:, :, None, :].expand(b, a, k, h * w)
+    hit = torch.zeros(b, a, k, 2 * half + 1, device=targets.device)
+    src = targets.reshape(b, 1, k, h * w).expand(b, a, k, h * w).float()
+    hit.scatter_reduce_(3, idx, src, reduce="amax")
+    return hit.gather(3, idx).mean(1).reshape(b, k, h, w)
+
+
+def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: ModelConfig,
+             directions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ordered network inputs (ct (B, Cct, H, W), conditions (B, C, H, W)).
+
+    `directions` are the beams in the image frame; augmentation that rotates or mirrors
+    the patient passes them rotated or mirrored with it (default: the patient's frame).
+    """
+    c = cfg.conditions
+    pos = {r: i for i, r in enumerate(STACK_ROIS)}
+    inside = (ps > 0).to(ps.dtype)
+    chans = [sum(w * inside[:, pos[n]] for n, w in c.ptv_weights)]
+    chans += [inside[:, pos[m]] for m in c.masks]
+    chans += [ps[:, pos[p]] for p in c.psdms]
+    weights = torch.tensor([w for _, w in c.ptv_weights], dtype=ps.dtype)
+    for j in range(len(c.context_offsets)):
+        chans.append(((ps_ctx[:, j] > 0).to(ps.dtype) * weights[:, None, None]).sum(1))
+    if c.beam_targets:
+        if directions is None:
+            directions = beam_directions(cfg, ps.shape[0])
+        targets = inside[:, [pos[t] for t in c.beam_targets]] > 0
+        chans += list(beam_lines(targets, directions).unbind(1))
+    return ct_ctx, torch.stack(chans, dim=1)
+
+
+def mirror_channels(cfg: ModelConfig) -> tuple[list[int], list[int]]:
+    """Channel permutations (ct, conditions) that go with a left-right mirror of the image."""
+    def perm(names: list[str]) -> list[int]:
+        swap = {}
+        for r, l in LR_PAIRS:
+            swap.update({r: l, l: r})
+        def other(name: str) -> str:
+            kind, _, roi = name.partition(":")
+            return f"{kind}:{swap[roi]}" if roi in swap else name
+        return [names.index(other(n)) for n in names]
+    return perm(cfg.conditions.ct_channel_names()), perm(cfg.conditions.channel_names())

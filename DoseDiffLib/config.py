@@ -57,19 +57,39 @@ class ConditionConfig:
     masks: tuple[str, ...] = OARS + (POSSIBLE_DOSE,)
     psdms: tuple[str, ...] = OARS + (POSSIBLE_DOSE, "PTV70", "PTV63", "PTV56")
     required: tuple[str, ...] = ("PTV70",)
+    # Slices each side whose CT and PTV image join the inputs (2.5-D context); 0 = the
+    # authors' single slice. Beyond the first/last slice where dose is possible the
+    # nearest such slice repeats, in training and prediction alike.
+    context: int = 0
+    # Per target: the share of these in-plane beam lines (parallel-beam approximation)
+    # through a pixel that cross the target on the same slice. OpenKBP plans are 9
+    # equispaced coplanar beams; a line is undirected, so 0, 40, ..., 320 degrees give
+    # 9 line orientations 20 degrees apart. Empty = no beam channels.
+    beam_targets: tuple[str, ...] = ()
+    beam_angles_deg: tuple[float, ...] = (0.0, 40.0, 80.0, 120.0, 160.0, 200.0, 240.0, 280.0, 320.0)
 
     @property
     def n_channels(self) -> int:
-        return 1 + len(self.masks) + len(self.psdms)
+        return len(self.channel_names())
+
+    @property
+    def context_offsets(self) -> tuple[int, ...]:
+        """Neighbour offsets in channel order; new channels only ever follow old ones."""
+        return tuple(o for k in range(1, self.context + 1) for o in (-k, k))
 
     @property
     def rois(self) -> tuple[str, ...]:
-        names = [n for n, _ in self.ptv_weights] + list(self.masks) + list(self.psdms)
+        names = [n for n, _ in self.ptv_weights] + list(self.masks) + list(self.psdms) + list(self.beam_targets)
         return tuple(dict.fromkeys(n for n in names if n != POSSIBLE_DOSE))
 
     def channel_names(self) -> list[str]:
         return (["PTV weighted"] + [f"mask:{m}" for m in self.masks]
-                + [f"psdm:{p}" for p in self.psdms])
+                + [f"psdm:{p}" for p in self.psdms]
+                + [f"PTV weighted@{o:+d}" for o in self.context_offsets]
+                + [f"beams:{t}" for t in self.beam_targets])
+
+    def ct_channel_names(self) -> list[str]:
+        return ["CT"] + [f"CT@{o:+d}" for o in self.context_offsets]
 
 
 @dataclass(frozen=True)
@@ -92,18 +112,36 @@ class NormConfig:
 
 
 @dataclass(frozen=True)
+class SamplerConfig:
+    """How a trained network is sampled into a dose."""
+
+    steps: int = 8
+    spacing: str = "leading"      # leading: 875, 750, ..., 0 (the authors'); trailing: 999, 874, ..., 124
+    samples: int = 1              # independent noise draws, averaged
+    flip: bool = False            # also run the left-right mirrored patient and average
+    eta: float = 0.0
+
+
+# Named, measured choices (README, "Sampler"). "regression" is one network call at
+# t = T-1 from pure noise: the x0 read-out of an x0-prediction model (Lin et al. 2024
+# spacing). "ddim" is the paper's sampler: 8 leading DDIM steps, eta 0, here with the
+# mean of 4 samples and the mirrored patient, whose spread gives the uncertainty map.
+SAMPLERS: dict[str, SamplerConfig] = {
+    "regression": SamplerConfig(steps=1, spacing="trailing"),
+    "ddim": SamplerConfig(steps=8, spacing="leading", samples=4, flip=True),
+}
+
+
+@dataclass(frozen=True)
 class DiffusionConfig:
     timesteps: int = 1000
     beta_start: float = 1e-4
     beta_end: float = 0.02
     prediction: str = "epsilon"   # epsilon | x0 | v
-    # "leading": 875, 750, ..., 0 for 8 steps (the authors'); "trailing": 999, 874, ..., 124,
-    # so that one step is a single call at t = T-1, from pure noise (Lin et al. 2024)
-    timestep_spacing: str = "leading"
-    default_steps: int = 8        # the sampler setting this model was validated with
+    sampler: str = "ddim"         # the named sampler this model is validated with, its default
 
     # how a trained network is sampled, not what its weights mean: free to differ on a warm start
-    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("timestep_spacing", "default_steps")
+    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler",)
 
 
 @dataclass(frozen=True)
@@ -127,8 +165,12 @@ class ModelConfig:
     def preset(cls, name: str) -> "ModelConfig":
         if name not in PRESETS:
             raise KeyError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        cond = ConditionConfig()
-        return cls(net=replace(PRESETS[name], cond_channels=cond.n_channels), conditions=cond)
+        return cls(net=PRESETS[name]).with_conditions(ConditionConfig())
+
+    def with_conditions(self, cond: ConditionConfig) -> "ModelConfig":
+        """The same model with other inputs; the network's input widths follow them."""
+        net = replace(self.net, cond_channels=cond.n_channels, ct_channels=len(cond.ct_channel_names()))
+        return replace(self, net=net, conditions=cond)
 
     def to_dict(self) -> dict:
         return asdict(self)

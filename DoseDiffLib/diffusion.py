@@ -53,7 +53,8 @@ class Diffusion:
         return x0, (1 - ab).sqrt() * x_t + ab.sqrt() * out
 
     def loss(self, model_fn: ModelFn, x0: torch.Tensor, generator: torch.Generator | None = None,
-             kind: str = "mse", weight: torch.Tensor | None = None, last_step_fraction: float = 0.0) -> torch.Tensor:
+             kind: str = "mse", weight: torch.Tensor | None = None, last_step_fraction: float = 0.0,
+             with_x0: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Error of the network output against its target at a random step.
 
         `kind` "l1" makes x0-prediction estimate the conditional median, which is what a
@@ -61,6 +62,7 @@ class Diffusion:
         pixels that no score looks at count less. The result is the weighted mean.
         `last_step_fraction` of the samples are drawn at t = T-1, the only step a one-step
         sampler uses; the rest uniformly, so every step of a longer sampler stays trained.
+        `with_x0` also returns the network's estimate of x0, for losses on the dose itself.
         """
         if kind not in ("mse", "l1"):
             raise ValueError(f"unknown loss {kind!r}")
@@ -69,21 +71,24 @@ class Diffusion:
         t = torch.where(torch.rand(b, generator=generator) < last_step_fraction, self.T - 1, t).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         x_t = self.q_sample(x0, t, noise)
-        diff = model_fn(x_t, t).float() - self.target(x0, t, noise).float()
+        out = model_fn(x_t, t).float()
+        diff = out - self.target(x0, t, noise).float()
         err = diff.abs() if kind == "l1" else diff ** 2
         if weight is None:
-            return err.mean()
-        weight = weight.expand_as(err)
-        return (err * weight).sum() / weight.sum().clamp_min(1e-12)
+            loss = err.mean()
+        else:
+            weight = weight.expand_as(err)
+            loss = (err * weight).sum() / weight.sum().clamp_min(1e-12)
+        return (loss, self.split(out, x_t.float(), t)[0]) if with_x0 else loss
 
-    def ddim_timesteps(self, steps: int) -> list[int]:
+    def ddim_timesteps(self, steps: int, spacing: str = "leading") -> list[int]:
         """Highest first. Leading: 875, 750, ..., 0 for 8 of 1000; trailing: 999, 874, ..., 124."""
         if not 1 <= steps <= self.T:
             raise ValueError(f"DDIM steps must be between 1 and {self.T}, got {steps}")
-        if self.cfg.timestep_spacing == "trailing":
+        if spacing == "trailing":
             return [round(self.T - i * self.T / steps) - 1 for i in range(steps)]
-        if self.cfg.timestep_spacing != "leading":
-            raise ValueError(f"unknown timestep spacing {self.cfg.timestep_spacing!r}")
+        if spacing != "leading":
+            raise ValueError(f"unknown timestep spacing {spacing!r}")
         stride = self.T // steps
         return list(range(0, stride * steps, stride))[::-1]
 
@@ -91,10 +96,10 @@ class Diffusion:
     def ddim_sample(self, model_fn: ModelFn, shape: Sequence[int], steps: int = 8, eta: float = 0.0,
                     clamp: bool = True, generator: torch.Generator | None = None,
                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                    x_T: torch.Tensor | None = None,
+                    x_T: torch.Tensor | None = None, spacing: str = "leading",
                     on_step: Callable[[int, int], None] | None = None) -> torch.Tensor:
         """DDIM (Song et al. 2021, eq. 12) from pure noise to x0 in `steps` network calls."""
-        ts = self.ddim_timesteps(steps)
+        ts = self.ddim_timesteps(steps, spacing)
         x = (x_T if x_T is not None else torch.randn(tuple(shape), generator=generator)).to(device, dtype)
         for i, t_int in enumerate(ts):
             t = torch.full((x.shape[0],), t_int, dtype=torch.long, device=device)

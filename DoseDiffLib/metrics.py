@@ -59,6 +59,18 @@ def dvh_score(errors_per_patient: Iterable[Mapping]) -> float:
 
 # --- beyond OpenKBP: the paper's image metrics and clinical indices ---------------
 
+def slice_streak(dose: np.ndarray, mask: np.ndarray) -> float:
+    """Mean |dose(z+1) - dose(z)| over voxel pairs inside the mask on both slices (Gy).
+
+    Slice-by-slice prediction shows as steps between neighbouring slices; compared with
+    the same figure of the clinical plan it measures how much of that is artefact.
+    """
+    both = mask[1:].astype(bool) & mask[:-1].astype(bool)
+    if not both.any():
+        return 0.0
+    return float(np.abs(np.diff(dose.astype(np.float64), axis=0))[both].mean())
+
+
 def mae_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> float:
     m = mask.astype(bool)
     return float(np.abs(reference[m] - prediction[m]).mean())

@@ -62,6 +62,7 @@ def save_model(model: MMFNet, cfg: ModelConfig, card_path: str | os.PathLike,
         "intended_use": INTENDED_USE,
         "training_data": DEFAULT_TRAINING_DATA,
         "config": cfg.to_dict(),
+        "ct_channels": cfg.conditions.ct_channel_names(),
         "condition_channels": cfg.conditions.channel_names(),
         "parameters": count_parameters(model),
         "weights": {"file": weights_path.name, "sha256": sha256(weights_path),
@@ -98,10 +99,12 @@ def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
     """Build the network from its card and load verified weights."""
     card = read_card(card_path)
     cfg = ModelConfig.from_dict(card["config"])
-    if cfg.net.cond_channels != cfg.conditions.n_channels:
+    if (cfg.net.cond_channels, cfg.net.ct_channels) != (cfg.conditions.n_channels,
+                                                        len(cfg.conditions.ct_channel_names())):
         raise DoseDiffError(
-            f"Model card {card['_path']} is inconsistent: the network takes {cfg.net.cond_channels} "
-            f"condition channels but the condition list has {cfg.conditions.n_channels}.",
+            f"Model card {card['_path']} is inconsistent: the network takes {cfg.net.ct_channels} CT and "
+            f"{cfg.net.cond_channels} condition channels but its input description has "
+            f"{len(cfg.conditions.ct_channel_names())} and {cfg.conditions.n_channels}.",
             "The card was edited or written by another version; use the card shipped with the weights.")
     weights = Path(card["_path"]).parent / card["weights"]["file"]
     if not weights.exists():

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping
 
 import numpy as np
 import torch
 from scipy import ndimage
 
-from .conditions import active_slices, build_inputs
-from .config import POSSIBLE_DOSE, ModelConfig
+from .conditions import STACK_ROIS, SliceStack, active_slices, assemble, gather, mirror_channels, slice_stack
+from .config import POSSIBLE_DOSE, SAMPLERS, ModelConfig, SamplerConfig
 from .diffusion import Diffusion
 from .errors import Cancelled, DoseDiffError, warn
 from .mmfnet import MMFNet
@@ -210,22 +210,25 @@ def _network(model: MMFNet, device: torch.device, x, t, ct, cond) -> torch.Tenso
     return model(x, t, ct, cond)
 
 
-def sample_dose(model: MMFNet, cfg: ModelConfig, ct_n: np.ndarray, cond: np.ndarray, slices: np.ndarray,
-                steps: int = 8, samples: int = 1, seed: int = 0, device: torch.device | str = "cpu",
-                batch_size: int | None = None, eta: float = 0.0,
+def sample_dose(model: MMFNet, cfg: ModelConfig, stack: SliceStack, rows: np.ndarray, sampler: SamplerConfig,
+                seed: int = 0, device: torch.device | str = "cpu", batch_size: int | None = None,
                 progress: Progress | None = None) -> np.ndarray:
-    """DDIM samples for the given slices, in network units, shape (samples, Z, H, W).
+    """DDIM samples for some rows of a slice stack, in network units, shape (samples, B, H, W).
 
     Each sample's noise is drawn for the whole volume at once from seed + sample index,
     so a slice's result depends neither on the batch size nor on which other slices run.
+    `sampler.flip` averages each sample with the sample of the left-right mirrored
+    patient (the parotid channels swapped with it), run from the mirrored noise.
     """
     device = torch.device(device)
     diffusion = Diffusion(cfg.diffusion)
-    z, h, w = ct_n.shape
+    rows = np.asarray(rows, np.int64)
+    n, h, w = stack.ct.shape
     batch = batch_size or batch_size_for(cfg.net, device)
-    out = np.full((samples, z, h, w), -1.0, np.float32)
-    n_batches = -(-len(slices) // batch)
-    total, done = samples * n_batches * steps, 0
+    out = np.full((sampler.samples, len(rows), h, w), -1.0, np.float32)
+    views = 2 if sampler.flip else 1
+    total, done = sampler.samples * views * -(-len(rows) // batch) * sampler.steps, 0
+    perm_ct, perm_cond = mirror_channels(cfg)
 
     def tick(_i: int, _n: int) -> None:
         nonlocal done
@@ -235,56 +238,79 @@ def sample_dose(model: MMFNet, cfg: ModelConfig, ct_n: np.ndarray, cond: np.ndar
 
     param_dtype = next(model.parameters()).dtype
     model.to(memory_format=torch.channels_last)  # 2x faster convolutions on CPU, same numbers
+    z_noise = int(stack.slices.max()) + 1 if len(stack.slices) else 0
     with torch.inference_mode():
-        for s in range(samples):
+        for s in range(sampler.samples):
             g = torch.Generator().manual_seed(int(seed) + s)
-            noise = torch.randn((z, 1, h, w), generator=g)[torch.from_numpy(np.asarray(slices, np.int64))]
-            for b0 in range(0, len(slices), batch):
-                idx = slices[b0:b0 + batch]
-                ct_t = torch.from_numpy(ct_n[idx][:, None]).to(device, param_dtype)
-                cond_t = torch.from_numpy(cond[idx]).to(device, param_dtype, memory_format=torch.channels_last)
-                x = diffusion.ddim_sample(lambda x, t: _network(model, device, x, t, ct_t, cond_t), (len(idx), 1, h, w),
-                                          steps=steps, eta=eta, generator=g, device=device,
-                                          dtype=param_dtype, x_T=noise[b0:b0 + batch], on_step=tick)
-                out[s, idx] = x[:, 0].float().cpu().numpy()
+            noise = torch.randn((z_noise, 1, h, w), generator=g)[torch.from_numpy(stack.slices[rows])]
+            for b0 in range(0, len(rows), batch):
+                ct_t, cond_t = assemble(*gather(stack.ct, stack.psdm, rows[b0:b0 + batch], cfg), cfg)
+                acc = None
+                for view in range(views):
+                    c, k, x_T = ct_t, cond_t, noise[b0:b0 + batch]
+                    if view:
+                        c, k, x_T = c[:, perm_ct].flip(-1), k[:, perm_cond].flip(-1), x_T.flip(-1)
+                    c = c.to(device, param_dtype, memory_format=torch.channels_last)
+                    k = k.to(device, param_dtype, memory_format=torch.channels_last)
+                    x = diffusion.ddim_sample(lambda x, t: _network(model, device, x, t, c, k), x_T.shape,
+                                              steps=sampler.steps, eta=sampler.eta, generator=g, device=device,
+                                              dtype=param_dtype, x_T=x_T, spacing=sampler.spacing,
+                                              on_step=tick)[:, 0].float().cpu()
+                    x = x.flip(-1) if view else x
+                    acc = x if acc is None else acc + x
+                out[s, b0:b0 + batch] = (acc / views).numpy()
     return out
 
 
-def dose_slices(inputs: ModelInputs, cfg: ModelConfig) -> np.ndarray:
-    """Slices worth predicting: dose possible, and within the margin of a target slice."""
-    slices = active_slices(inputs.masks[POSSIBLE_DOSE].array)
-    target = np.zeros(inputs.ct.array.shape[0], bool)
-    for name, _ in cfg.conditions.ptv_weights:
-        if name in inputs.masks:
-            target |= inputs.masks[name].array.reshape(target.size, -1).any(axis=1)
+def dose_rows(stack: SliceStack, cfg: ModelConfig, slice_mm: float) -> np.ndarray:
+    """Rows of the stack worth predicting: within the margin of a slice holding a target."""
+    pos = [STACK_ROIS.index(n) for n, _ in cfg.conditions.ptv_weights]
+    target = (stack.psdm[:, pos] > 0).reshape(len(stack.slices), -1).any(axis=1)
+    rows = np.arange(len(stack.slices))
     if not target.any():
-        return slices
-    z = np.arange(target.size) * inputs.ct.spacing[2]
+        return rows
+    z = stack.slices * slice_mm
     dist = np.abs(z[:, None] - z[target][None, :]).min(axis=1)
-    return slices[dist[slices] <= TARGET_SLAB_MARGIN_MM]
+    return rows[dist <= TARGET_SLAB_MARGIN_MM]
 
 
-def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: int | None = None, samples: int = 1,
-                 seed: int | None = None, device: torch.device | str = "cpu", batch_size: int | None = None,
-                 with_std: bool = False, progress: Progress | None = None) -> Prediction:
-    steps = cfg.diffusion.default_steps if steps is None else steps  # the card's validated sampler
-    if samples < 1 or steps < 1:
-        raise DoseDiffError("Steps and samples must be at least 1.")
+def resolve_sampler(cfg: ModelConfig, name: str | None = None, steps: int | None = None,
+                    samples: int | None = None, flip: bool | None = None) -> tuple[str, SamplerConfig]:
+    """A named sampler (default: the one the model card was validated with), with overrides."""
+    name = name or cfg.diffusion.sampler
+    if name not in SAMPLERS:
+        raise DoseDiffError(f"Unknown sampler {name!r}.", f"Choose one of: {', '.join(SAMPLERS)}.")
+    changes = {k: v for k, v in (("steps", steps), ("samples", samples), ("flip", flip)) if v is not None}
+    sampler = replace(SAMPLERS[name], **changes)
+    if sampler.samples < 1 or not 1 <= sampler.steps <= cfg.diffusion.timesteps:
+        raise DoseDiffError(f"Steps must be 1 to {cfg.diffusion.timesteps} and samples at least 1 "
+                            f"(got {sampler.steps} steps, {sampler.samples} samples).")
+    return name, sampler
+
+
+def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: int | None = None,
+                 samples: int | None = None, seed: int | None = None, device: torch.device | str = "cpu",
+                 batch_size: int | None = None, with_std: bool = False, progress: Progress | None = None,
+                 sampler: str | None = None, flip: bool | None = None) -> Prediction:
+    name, smp = resolve_sampler(cfg, sampler, steps, samples, flip)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     t0 = time.perf_counter()
-    ct_n, cond = build_inputs(inputs.ct, inputs.masks, cfg)
+    stack = slice_stack(inputs.ct, inputs.masks, cfg)
     pdm = inputs.masks[POSSIBLE_DOSE].array
-    slices = dose_slices(inputs, cfg)
+    rows = dose_rows(stack, cfg, inputs.ct.spacing[2])
+    slices = stack.slices[rows]
     t1 = time.perf_counter()
-    x = sample_dose(model, cfg, ct_n, cond, slices, steps, samples, seed, device, batch_size, progress=progress)
+    x = np.full((smp.samples,) + pdm.shape, -1.0, np.float32)
+    x[:, slices] = sample_dose(model, cfg, stack, rows, smp, seed, device, batch_size, progress=progress)
     t2 = time.perf_counter()
     gy = cfg.norm.gy(x) * pdm[None].astype(np.float32)
     mean = gy.mean(0)
-    std = gy.std(0) if (with_std and samples > 1) else None
+    std = gy.std(0) if (with_std and smp.samples > 1) else None
     dose = _to_ct_grid(inputs, mean)
     std_v = _to_ct_grid(inputs, std) if std is not None else None
-    info = {"seed": seed, "steps": steps, "samples": samples, "slices_predicted": int(len(slices)),
+    info = {"seed": seed, "sampler": name, "steps": smp.steps, "samples": smp.samples, "flip": smp.flip,
+            "timestep_spacing": smp.spacing, "slices_predicted": int(len(slices)),
             "device": str(device), "seconds_conditions": round(t1 - t0, 3),
             "seconds_sampling": round(t2 - t1, 3), "matched_rois": inputs.matched,
             "warnings": list(inputs.warnings), "model_grid_spacing_mm": list(inputs.ct.spacing)}

@@ -16,12 +16,11 @@ import numpy as np
 import torch
 
 from . import openkbp
-from .conditions import active_slices
+from .conditions import STACK_ROIS, slice_stack
 from .config import POSSIBLE_DOSE, ModelConfig
-from .psdm import psdm
 
 CACHE_VERSION = 1
-CACHE_ROIS = openkbp.ROIS + (POSSIBLE_DOSE,)
+CACHE_ROIS = STACK_ROIS
 
 
 def prepare_patient(folder: Path, out_dir: Path, cfg: ModelConfig) -> dict:
@@ -31,13 +30,10 @@ def prepare_patient(folder: Path, out_dir: Path, cfg: ModelConfig) -> dict:
         raise ValueError(f"{folder} has no dose.csv; training needs the clinical dose")
     masks = dict(p.masks)
     masks[POSSIBLE_DOSE] = p.possible_dose
-    sl = active_slices(p.possible_dose.array)
-    ps = np.zeros((len(sl), len(CACHE_ROIS)) + p.ct.array.shape[1:], np.float16)
-    for i, roi in enumerate(CACHE_ROIS):
-        if roi in masks and masks[roi].array.any():
-            ps[:, i] = psdm(masks[roi]).array[sl]
-    np.save(out_dir / f"{p.pid}_psdm.npy", ps)
-    np.save(out_dir / f"{p.pid}_ct.npy", cfg.norm.ct(p.ct.array[sl]).astype(np.float16))
+    stack = slice_stack(p.ct, masks, cfg)
+    sl = stack.slices
+    np.save(out_dir / f"{p.pid}_psdm.npy", stack.psdm.astype(np.float16))
+    np.save(out_dir / f"{p.pid}_ct.npy", stack.ct.astype(np.float16))
     np.save(out_dir / f"{p.pid}_dose.npy", cfg.norm.dose(p.dose.array[sl]).astype(np.float16))
     return {"pid": p.pid, "slices": [int(s) for s in sl], "n_slices_total": int(p.ct.array.shape[0]),
             "spacing": list(p.ct.spacing), "rois": sorted(p.masks)}
@@ -67,15 +63,3 @@ def prepare(split_dirs: dict[str, Path], out_dir: Path, cfg: ModelConfig,
             if progress:
                 progress(f"{split}/{pt.name}")
     return index_path
-
-
-def conditions_from_psdm(ps: torch.Tensor, cfg: ModelConfig,
-                         rois: tuple[str, ...] = CACHE_ROIS) -> torch.Tensor:
-    """Rebuild the ordered condition channels (B, C, H, W) from cached PSDMs (B, R, H, W)."""
-    pos = {r: i for i, r in enumerate(rois)}
-    c = cfg.conditions
-    inside = (ps > 0).to(ps.dtype)
-    chans = [sum(w * inside[:, pos[n]] for n, w in c.ptv_weights)]
-    chans += [inside[:, pos[m]] for m in c.masks]
-    chans += [ps[:, pos[p]] for p in c.psdms]
-    return torch.stack(chans, dim=1)

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,12 +23,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .config import POSSIBLE_DOSE, ModelConfig
+from .conditions import STACK_ROIS, SliceStack, assemble, beam_directions, gather
+from .config import POSSIBLE_DOSE, ConditionConfig, ModelConfig
 from .diffusion import Diffusion
+from .losses import sorted_dose_l1
 from .metrics import dose_score, dvh_errors, dvh_metrics, dvh_score
 from .mmfnet import MMFNet
 from .modelcard import save_model
-from .prepare import CACHE_ROIS, conditions_from_psdm
+from .predict import dose_rows, resolve_sampler, sample_dose
+
+CACHE_ROIS = STACK_ROIS
 
 
 @dataclass
@@ -48,15 +52,24 @@ class TrainConfig:
     shift: float = 0.1
     val_every: int = 1000
     val_patients: int = 4
-    val_steps: int = 8
     checkpoint_every: int = 200
     seed: int = 0
     threads: int = 0
     loss: str = "mse"              # mse | l1 (l1: median, what OpenKBP's MAE-type score rewards)
     outside_weight: float = 1.0    # weight of pixels outside the possible-dose mask
     init: str = ""                 # model card whose weights start a new run (warm start)
-    timestep_spacing: str = "leading"  # of the sampler the model ships with (and is validated by)
+    sampler: str = "ddim"          # the named sampler the model is validated with and ships with
     last_step_fraction: float = 0.0    # slices trained at t = T-1, the one-step sampler's only step
+    context: int = 0               # neighbouring slices each side as extra CT / PTV channels
+    beams: bool = False            # beam-line channels for each PTV level
+    dvh_weight: float = 0.0        # weight of the per-ROI sorted-dose L1 on the x0 estimate
+
+    def model_config(self) -> ModelConfig:
+        base = ModelConfig.preset(self.preset)
+        targets = tuple(n for n, _ in base.conditions.ptv_weights) if self.beams else ()
+        cfg = base.with_conditions(ConditionConfig(context=self.context, beam_targets=targets))
+        diffusion = replace(base.diffusion, prediction=self.prediction, sampler=self.sampler)
+        return ModelConfig(net=cfg.net, conditions=cfg.conditions, norm=cfg.norm, diffusion=diffusion, grid=cfg.grid)
 
 
 class SliceCache:
@@ -74,23 +87,26 @@ class SliceCache:
     def __len__(self) -> int:
         return len(self.items)
 
-    def batch(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ct, ps, dose = [], [], []
-        for p, s in self.items[idx]:
-            a = self.arrays[p]
-            ct.append(a["ct"][s])
-            ps.append(a["psdm"][s])
-            dose.append(a["dose"][s])
-        f = lambda x: torch.from_numpy(np.stack(x).astype(np.float32))  # noqa: E731
-        return f(ct)[:, None], f(ps), f(dose)[:, None]
+    def stack(self, p: int) -> SliceStack:
+        a, e = self.arrays[p], self.entries[p]
+        return SliceStack(np.asarray(e["slices"]), a["ct"], a["psdm"])
+
+    def batch(self, idx: np.ndarray, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
+        """(ct with context, PSDMs, target PSDMs on context slices, dose) for these items."""
+        parts = [gather(self.arrays[p]["ct"], self.arrays[p]["psdm"], np.array([s]), cfg)
+                 + (torch.from_numpy(np.asarray(self.arrays[p]["dose"][s:s + 1], np.float32))[:, None],)
+                 for p, s in self.items[idx]]
+        return tuple(torch.cat(x) for x in zip(*parts))
 
 
-def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainConfig,
-            g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainConfig, g: torch.Generator,
+            ps_ctx: torch.Tensor | None = None,
+            beams: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
     """One random in-plane flip/rotation/zoom/shift per slice, the same for every channel.
 
     A left-right flip also swaps the parotid channels, so 'left' stays anatomical; a
     zoom by s multiplies the PSDMs by s, since every distance in the image grows by s.
+    The beams (B, A, 2) turn with the patient: returned in the augmented image's frame.
     """
     b = ct.shape[0]
     apply = torch.rand(b, generator=g) < cfg.aug_p
@@ -112,17 +128,62 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
         swapped = ps[flip].clone()
         swapped[:, [r, l]] = swapped[:, [l, r]]
         ps[flip] = swapped
-    return ct, ps, dose
+    if ps_ctx is None:
+        return ct, ps, dose
+    shape = ps_ctx.shape
+    ps_ctx = warp(ps_ctx.reshape(b, -1, *shape[-2:]), "border").reshape(shape) if shape[1] else ps_ctx
+    # the image at output x shows the patient at theta x, so a beam direction d of the
+    # patient appears along theta^-1 d in the augmented image
+    inv = torch.linalg.inv(theta[:, :, :2])
+    beams = torch.einsum("bij,baj->bai", inv, beams)
+    beams = beams / beams.norm(dim=-1, keepdim=True)
+    return ct, ps, dose, ps_ctx, beams
+
+
+def portable_recipe(tcfg: TrainConfig) -> dict:
+    """The recipe as a card keeps it: the warm start named by its card's name and weights'
+    checksum, not by a path of the machine that trained it."""
+    recipe = asdict(tcfg)
+    if tcfg.init:
+        from .modelcard import read_card
+
+        card = read_card(tcfg.init)
+        recipe["init"] = {"name": card.get("name", Path(tcfg.init).stem), "weights_sha256": card["weights"]["sha256"]}
+    return recipe
+
+
+INPUT_CONVS = ("enc_ct.0.0", "enc_cond.0.0")  # the first convolution of the CT and condition encoders
 
 
 def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> None:
-    """Start from a trained model of the same configuration (e.g. to fine-tune with another loss)."""
+    """Start from a trained model: the same configuration, or the same one with inputs appended.
+
+    Appended input channels get zero weights in the first convolution, so the network
+    computes exactly what the trained one did until training gives them a use; the CPU
+    hours already spent are kept.
+    """
     from .modelcard import load_model
 
     trained, cfg, _ = load_model(card, "cpu")
-    if cfg.weights_dict() != mcfg.weights_dict():
-        raise ValueError(f"{card} has another model configuration than this run; warm start needs the same one")
+    old, new = cfg.weights_dict(), mcfg.weights_dict()
+    for d in (old, new):
+        d.pop("conditions")
+        d["net"].pop("ct_channels")
+        d["net"].pop("cond_channels")
+    oc, nc = cfg.conditions, mcfg.conditions
+    same_prefix = (nc.channel_names()[:oc.n_channels] == oc.channel_names()
+                   and nc.ct_channel_names()[:len(oc.ct_channel_names())] == oc.ct_channel_names()
+                   and (oc.ptv_weights, oc.masks, oc.psdms) == (nc.ptv_weights, nc.masks, nc.psdms))
+    if old != new or not same_prefix:
+        raise ValueError(f"{card} has another model configuration than this run; warm start needs the same one "
+                         "or the same one with input channels appended")
     state = {k: v.float() for k, v in trained.state_dict().items()}
+    target = model.state_dict()
+    for name in INPUT_CONVS:
+        w = state[f"{name}.weight"]
+        grown = torch.zeros_like(target[f"{name}.weight"])
+        grown[:, :w.shape[1]] = w
+        state[f"{name}.weight"] = grown
     model.load_state_dict(state)
     ema.load_state_dict(state)
 
@@ -134,28 +195,25 @@ def _dist_info() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, mcfg: ModelConfig, cache: SliceCache, n_patients: int, steps: int,
-             device: torch.device, batch: int = 32) -> dict:
-    """Dose and DVH score on the first n cached validation patients (active slices)."""
-    diffusion = Diffusion(mcfg.diffusion)
+def validate(model: torch.nn.Module, mcfg: ModelConfig, cache: SliceCache, n_patients: int,
+             device: torch.device, seed: int = 0, single: bool = False) -> dict:
+    """Dose and DVH score on the first n cached validation patients, by prediction's own sampler.
+
+    `single`: one sample of the model's sampler, unmirrored (cheaper, for comparisons).
+    """
+    _, sampler = resolve_sampler(mcfg, samples=1 if single else None, flip=False if single else None)
     model.eval()
     scores, errs = [], []
     for p in range(min(n_patients, len(cache.entries))):
-        a, e = cache.arrays[p], cache.entries[p]
-        ct = torch.from_numpy(np.asarray(a["ct"], np.float32))[:, None]
-        ps = torch.from_numpy(np.asarray(a["psdm"], np.float32))
-        ref = mcfg.norm.gy(np.asarray(a["dose"], np.float32))
-        pred = np.empty_like(ref)
-        g = torch.Generator().manual_seed(p)
-        for b0 in range(0, ct.shape[0], batch):
-            c = ct[b0:b0 + batch].to(device)
-            cond = conditions_from_psdm(ps[b0:b0 + batch], mcfg).to(device)
-            x = diffusion.ddim_sample(lambda x, t: model(x, t, c, cond), (c.shape[0], 1) + c.shape[2:],
-                                      steps=steps, generator=g, device=device)
-            pred[b0:b0 + batch] = mcfg.norm.gy(x[:, 0].float().cpu().numpy())
-        inside = (ps.numpy() > 0)
-        pdm = inside[:, CACHE_ROIS.index("possible_dose_mask")]
-        pred *= pdm
+        stack, e = cache.stack(p), cache.entries[p]
+        ps = np.asarray(stack.psdm, np.float32)
+        ref = mcfg.norm.gy(np.asarray(cache.arrays[p]["dose"], np.float32))
+        rows = dose_rows(stack, mcfg, e["spacing"][2])
+        x = np.full(ref.shape, -1.0, np.float32)
+        x[rows] = sample_dose(model, mcfg, stack, rows, sampler, seed=seed, device=device).mean(0)
+        inside = ps > 0
+        pdm = inside[:, CACHE_ROIS.index(POSSIBLE_DOSE)]
+        pred = mcfg.norm.gy(x) * pdm
         masks = {r: inside[:, i] for i, r in enumerate(CACHE_ROIS)}
         vox = float(np.prod(e["spacing"]))
         scores.append(dose_score(ref, pred, pdm))
@@ -199,11 +257,7 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
-    base = ModelConfig.preset(tcfg.preset)
-    mcfg = ModelConfig(net=base.net, conditions=base.conditions, norm=base.norm,
-                       diffusion=type(base.diffusion)(prediction=tcfg.prediction, timestep_spacing=tcfg.timestep_spacing,
-                                                      default_steps=tcfg.val_steps),
-                       grid=base.grid)
+    mcfg = tcfg.model_config()
     torch.manual_seed(tcfg.seed)
     # channels-last convolutions run twice as fast on CPU (oneDNN) and suit CUDA tensor cores
     model = MMFNet(mcfg.net).to(device, memory_format=torch.channels_last)
@@ -261,15 +315,20 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     while state["step"] < tcfg.steps:
         idx = torch.randint(0, len(data), (tcfg.batch_size,), generator=g).numpy()
-        ct, ps, dose = data.batch(idx)
-        ct, ps, dose = augment(ct, ps, dose, tcfg, g)
-        ct, dose = ct.to(device), dose.to(device)
-        cond = conditions_from_psdm(ps, mcfg).to(device, memory_format=torch.channels_last)
+        ct, ps, ps_ctx, dose = data.batch(idx, mcfg)
+        ct, ps, dose, ps_ctx, beams = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(idx)))
+        ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams)
+        ct = ct.to(device, memory_format=torch.channels_last)
+        dose = dose.to(device)
+        cond = cond.to(device, memory_format=torch.channels_last)
         inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None].to(device)
         weight = torch.where(inside, 1.0, tcfg.outside_weight)
         with autocast:
-            loss = diffusion.loss(lambda x, t: net(x, t, ct, cond), dose, generator=g, kind=tcfg.loss, weight=weight,
-                                  last_step_fraction=tcfg.last_step_fraction)
+            loss, x0 = diffusion.loss(lambda x, t: net(x, t, ct, cond), dose, generator=g, kind=tcfg.loss,
+                                      weight=weight, last_step_fraction=tcfg.last_step_fraction, with_x0=True)
+            if tcfg.dvh_weight:
+                rois = (ps[:, [CACHE_ROIS.index(r) for r in mcfg.conditions.rois]] > 0).to(device)
+                loss = loss + tcfg.dvh_weight * sorted_dose_l1(x0.float(), dose.float(), rois)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -290,15 +349,18 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
                                      "slices_per_s": round(step * tcfg.batch_size * world / max(time.time() - t_start, 1e-6), 2)}) + "\n")
         done = step == tcfg.steps or (stop is not None and stop())
         if val is not None and (step % tcfg.val_every == 0 or done):
-            v = validate(ema, mcfg, val, tcfg.val_patients, tcfg.val_steps, device)
+            v = validate(ema, mcfg, val, tcfg.val_patients, device)
             v.update(step=step, seconds=round(time.time() - t_start, 1))
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(v) + "\n")
             if v["dose_score"] < state["best"]:
                 state["best"] = v["dose_score"]
-                info = {"training": {"recipe": asdict(tcfg), "step": step,
+                curve = [{k: r[k] for k in ("step", "dose_score", "dvh_score")}
+                         for r in map(json.loads, log_path.read_text().splitlines()) if "dose_score" in r]
+                info = {"training": {"recipe": portable_recipe(tcfg), "step": step,
                                      "wall_clock_s": round(time.time() - t_start),
-                                     "selection": f"EMA weights, best dose score on {v['patients']} validation patients"},
+                                     "selection": f"EMA weights, best dose score on {v['patients']} validation patients",
+                                     "learning_curve": curve},
                         "validation_subset": v}
                 save_model(ema, mcfg, best_card, info, half=True, overwrite=True)
             plot_curves(log_path, run_dir / "curves.png")

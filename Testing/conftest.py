@@ -18,13 +18,23 @@ SHARED = REPO.parent / "shared" / "data" / "openkbp"
 
 @pytest.fixture(scope="session")
 def test_card(tmp_path_factory) -> Path:
-    """A randomly initialised 'test'-preset model (32 px slices) with its card."""
+    """A random 'test'-preset model (32 px slices) with its card, whose dose depends on its inputs.
+
+    Freshly built networks zero their output layer (and residual branches), so their
+    dose ignores the inputs and a wrong channel, normalisation or label would pass
+    unnoticed; every parameter is drawn at random instead.
+    """
     import torch
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("test")
+    net = MMFNet(cfg.net)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                torch.nn.init.normal_(p, std=0.05)
     path = tmp_path_factory.mktemp("model") / "test.json"
-    save_model(MMFNet(cfg.net), cfg, path, half=False)
+    save_model(net, cfg, path, half=False)
     return path
 
 

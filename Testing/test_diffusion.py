@@ -27,23 +27,33 @@ def test_ddim_timesteps_match_the_authors_spacing():
 
 
 def test_trailing_spacing_starts_from_pure_noise():
-    d = Diffusion(DiffusionConfig(timestep_spacing="trailing"))
-    assert d.ddim_timesteps(8) == [999, 874, 749, 624, 499, 374, 249, 124]
-    assert d.ddim_timesteps(1) == [999]
-    assert d.ddim_timesteps(1000) == list(range(999, -1, -1))
+    d = Diffusion(DiffusionConfig())
+    assert d.ddim_timesteps(8, "trailing") == [999, 874, 749, 624, 499, 374, 249, 124]
+    assert d.ddim_timesteps(1, "trailing") == [999]
+    assert d.ddim_timesteps(1000, "trailing") == list(range(999, -1, -1))
     with pytest.raises(ValueError, match="spacing"):
-        Diffusion(DiffusionConfig(timestep_spacing="middle")).ddim_timesteps(8)
+        d.ddim_timesteps(8, "middle")
+
+
+def test_the_named_samplers_are_the_regression_read_out_and_the_authors_ddim():
+    from DoseDiffLib.config import SAMPLERS
+
+    d = Diffusion(DiffusionConfig())
+    r, a = SAMPLERS["regression"], SAMPLERS["ddim"]
+    assert d.ddim_timesteps(r.steps, r.spacing) == [999] and r.samples == 1 and not r.flip
+    assert d.ddim_timesteps(a.steps, a.spacing) == [875, 750, 625, 500, 375, 250, 125, 0]
+    assert a.eta == 0.0 and a.samples > 1 and a.flip
 
 
 def test_one_trailing_step_of_x0_prediction_is_one_network_call_at_the_last_step():
     """The regression read-out: the clamped network output at t = T-1, nothing added."""
-    d = Diffusion(DiffusionConfig(prediction="x0", timestep_spacing="trailing"))
+    d = Diffusion(DiffusionConfig(prediction="x0"))
     seen = []
 
     def fn(x, t):
         seen.append(t.tolist())
         return 0.7 * torch.ones_like(x) + 0.5 * (torch.arange(x.shape[-1]) > 1)
-    out = d.ddim_sample(fn, (2, 1, 1, 4), steps=1, generator=torch.Generator().manual_seed(0))
+    out = d.ddim_sample(fn, (2, 1, 1, 4), steps=1, spacing="trailing", generator=torch.Generator().manual_seed(0))
     assert seen == [[999, 999]]
     assert torch.allclose(out, torch.tensor([0.7, 0.7, 1.0, 1.0]).expand(2, 1, 1, 4))
 
@@ -107,7 +117,7 @@ def test_one_ddim_step_matches_equation_12():
         seen.append(int(t[0]))
         return torch.full_like(x, eps_const)
     d2 = Diffusion()
-    d2.ddim_timesteps = lambda s: [500, 0]
+    d2.ddim_timesteps = lambda s, spacing="leading": [500, 0]
     out = d2.ddim_sample(fn, x_t.shape, steps=2, x_T=x_t, dtype=torch.float64, clamp=True)
     assert seen == [500, 0]
     # the last step returns its clamped x0 from the state after the first step

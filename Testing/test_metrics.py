@@ -91,3 +91,15 @@ def test_gamma_agrees_with_pymedphys():
                             lower_percent_dose_cutoff=10, interp_fraction=10, max_gamma=1.1)
         theirs = 100 * np.mean(g[~np.isnan(g)] <= 1)
         assert gamma_pass_rate(ref, ev, sp, dp, dta, 10) == pytest.approx(theirs, abs=0.5)
+
+
+def test_slice_streak_is_the_mean_step_between_neighbouring_slices_inside_the_mask():
+    from DoseDiffLib.metrics import slice_streak
+
+    dose = np.zeros((4, 2, 2))
+    dose[1] = 2.0          # steps 2, 2, 0 between slices 0|1, 1|2, 2|3
+    mask = np.ones((4, 2, 2), bool)
+    assert slice_streak(dose, mask) == pytest.approx(4 / 3)
+    mask[3] = False        # the 2|3 pair leaves the mask
+    assert slice_streak(dose, mask) == pytest.approx(2.0)
+    assert slice_streak(np.linspace(0, 9, 10)[:, None, None] * np.ones((10, 3, 3)), np.ones((10, 3, 3))) == 1.0

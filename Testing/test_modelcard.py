@@ -54,7 +54,7 @@ def test_channel_count_mismatch_in_card(saved):
     card = json.loads(path.read_text())
     card["config"]["conditions"]["masks"] = card["config"]["conditions"]["masks"][:-1]
     path.write_text(json.dumps(card))
-    with pytest.raises(DoseDiffError, match="20 condition channels but the condition list has 19"):
+    with pytest.raises(DoseDiffError, match="1 CT and 20 condition channels but its input description has 1 and 19"):
         load_model(path)
 
 

@@ -4,13 +4,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from DoseDiffLib.conditions import build_inputs
 from DoseDiffLib.config import POSSIBLE_DOSE
 from DoseDiffLib.errors import Cancelled, DoseDiffError
 from DoseDiffLib.modelcard import load_model
 from DoseDiffLib.predict import predict_case, prepare_case
-from DoseDiffLib.prepare import CACHE_ROIS, conditions_from_psdm
-from DoseDiffLib.psdm import psdm
 from DoseDiffLib.volume import Grid, Volume, resample_mask
 
 
@@ -135,18 +132,6 @@ def test_progress_reports_and_can_cancel(model, phantom):
         run(model, ct, masks, progress=lambda d, t, m: False)
 
 
-def test_training_cache_rebuilds_exactly_the_prediction_conditions(model, phantom):
-    """Guards the authors' bug class: channels differing between training and prediction."""
-    _, cfg, _ = model
-    ct, masks = phantom
-    m = {k: v for k, v in masks.items() if k != "BODY"}
-    m[POSSIBLE_DOSE] = masks["BODY"]
-    _, cond = build_inputs(ct, m, cfg)
-    ps = np.stack([psdm(m[r]).array if r in m else np.zeros(ct.array.shape, np.float32) for r in CACHE_ROIS], 1)
-    rebuilt = conditions_from_psdm(torch.from_numpy(ps), cfg).numpy()
-    np.testing.assert_allclose(rebuilt, cond, atol=1e-6)
-
-
 def test_channels_last_inference_matches_the_plain_layout():
     """The memory-layout optimisation changes no number beyond float rounding."""
     from DoseDiffLib.config import ModelConfig
@@ -175,7 +160,8 @@ def test_slices_far_from_every_target_are_skipped_without_changing_the_rest(mode
     net, cfg, _ = model
     ct, masks = head_and_neck(shape=(120, 64, 64), spacing=(3.2, 3.2, 3.0))  # 36 cm long body
     inputs = prepare_case(ct, masks, cfg)
-    kept = P.dose_slices(inputs, cfg)
+    stack = P.slice_stack(inputs.ct, inputs.masks, cfg)
+    kept = stack.slices[P.dose_rows(stack, cfg, inputs.ct.spacing[2])]
     assert 0 < len(kept) < 120
     full_margin = P.TARGET_SLAB_MARGIN_MM
     try:
@@ -190,15 +176,41 @@ def test_slices_far_from_every_target_are_skipped_without_changing_the_rest(mode
     assert not skipped.dose.array[~on_kept].any()
 
 
-def test_default_steps_come_from_the_model_card(model, phantom):
+def test_the_default_sampler_comes_from_the_model_card(model, phantom):
     from dataclasses import replace
 
     net, cfg, _ = model
     ct, masks = phantom
-    trailing = replace(cfg, diffusion=replace(cfg.diffusion, timestep_spacing="trailing", default_steps=1))
-    inputs = prepare_case(ct, masks, trailing)
-    by_default = predict_case(inputs, net, trailing, seed=4)
-    explicit = predict_case(inputs, net, trailing, steps=1, seed=4)
-    assert by_default.info["steps"] == 1
+    regression = replace(cfg, diffusion=replace(cfg.diffusion, sampler="regression"))
+    inputs = prepare_case(ct, masks, regression)
+    by_default = predict_case(inputs, net, regression, steps=None, seed=4)
+    explicit = predict_case(inputs, net, cfg, sampler="regression", steps=None, seed=4)
+    assert by_default.info["sampler"] == "regression" and by_default.info["steps"] == 1
     np.testing.assert_array_equal(by_default.dose.array, explicit.dose.array)
-    assert not np.array_equal(predict_case(inputs, net, trailing, steps=2, seed=4).dose.array, by_default.dose.array)
+    ddim = predict_case(inputs, net, regression, sampler="ddim", samples=1, flip=False, steps=None, seed=4)
+    assert ddim.info["steps"] == 8 and ddim.info["timestep_spacing"] == "leading"
+    assert not np.array_equal(ddim.dose.array, by_default.dose.array)
+
+
+def test_the_prediction_depends_on_every_kind_of_input(model, phantom):
+    """A wrong channel order, normalisation or parotid label must change the dose."""
+    from dataclasses import replace
+
+    net, cfg, _ = model
+    ct, masks = phantom
+    base = run(model, ct, masks)[1].dose.array
+    swapped = dict(masks, RightParotid=masks["LeftParotid"], LeftParotid=masks["RightParotid"])
+    assert np.abs(run(model, ct, swapped)[1].dose.array - base).max() > 0.05
+    other_window = replace(cfg, norm=replace(cfg.norm, ct_max_hu=cfg.norm.ct_max_hu + 500))
+    changed = predict_case(prepare_case(ct, masks, other_window), net, other_window, steps=2, seed=3)
+    assert np.abs(changed.dose.array - base).max() > 0.05
+    without_cord = {k: v for k, v in masks.items() if k != "SpinalCord"}
+    assert np.abs(run(model, ct, without_cord)[1].dose.array - base).max() > 0.05
+
+
+def test_mirror_averaging_differs_from_one_view_and_reports_itself(model, phantom):
+    ct, masks = phantom
+    one = run(model, ct, masks, flip=False)[1]
+    both = run(model, ct, masks, flip=True)[1]
+    assert both.info["flip"] and not one.info["flip"]
+    assert np.abs(both.dose.array - one.dose.array).max() > 0.01

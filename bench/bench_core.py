@@ -38,7 +38,7 @@ def bench_preset(name: str, batch: int, repeats: int) -> None:
     cfg = ModelConfig.preset(name).net
     model = MMFNet(cfg).eval().to(memory_format=torch.channels_last)  # as prediction runs it
     s = cfg.image_size
-    x, ct = torch.randn(batch, 1, s, s), torch.randn(batch, 1, s, s)
+    x, ct = torch.randn(batch, 1, s, s), torch.randn(batch, cfg.ct_channels, s, s)
     cond = torch.randn(batch, cfg.cond_channels, s, s).to(memory_format=torch.channels_last)
     t = torch.full((batch,), 500)
     with torch.inference_mode():

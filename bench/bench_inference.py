@@ -2,7 +2,10 @@
 against a matmul peak measured in the same run, peak memory, scaling with slices, and a
 clinical 512 x 512 x 200 grid.
 
-    python bench/bench_inference.py [--model CARD] [--presets tiny small] [--clinical]
+    python bench/bench_inference.py [--model CARD] [--presets tiny small] [--clinical] [--openkbp PT_FOLDER]
+
+With --openkbp it also times the whole `dosediff predict` process (imports, model load,
+CSV reading, prediction, writing) on that patient for each sampler.
 
 Prints figures; asserts nothing. On CUDA it also runs the paper preset at batch 64.
 """
@@ -10,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import resource
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -46,7 +53,7 @@ def flops_per_slice_step(model: MMFNet) -> float:
     s = cfg.image_size
     x = torch.randn(1, 1, s, s)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.cpu()(x, torch.tensor([500]), torch.randn(1, 1, s, s), torch.randn(1, cfg.cond_channels, s, s))
+        model.cpu()(x, torch.tensor([500]), torch.randn(1, cfg.ct_channels, s, s), torch.randn(1, cfg.cond_channels, s, s))
     return float(counter.get_total_flops())
 
 
@@ -57,7 +64,7 @@ def network_rate(model: MMFNet, device: torch.device, batch: int, repeats: int =
     model.to(device, memory_format=torch.channels_last)  # as predict.sample_dose runs it
     cond = torch.randn(batch, cfg.cond_channels, s, s, device=device).to(memory_format=torch.channels_last)
     args = (torch.randn(batch, 1, s, s, device=device), torch.full((batch,), 500, device=device),
-            torch.randn(batch, 1, s, s, device=device), cond)
+            torch.randn(batch, cfg.ct_channels, s, s, device=device), cond)
     with torch.inference_mode():
         model(*args)
         if device.type == "cuda":
@@ -74,13 +81,38 @@ def phantom_volume(n_slices: int, shape_yx=(128, 128), spacing=(3.906, 3.906, 2.
     return head_and_neck(shape=(n_slices,) + shape_yx, spacing=spacing)
 
 
-def time_volume(model, cfg, device, n_slices: int, steps: int, shape_yx=(128, 128), spacing=(3.906, 3.906, 2.5)):
+# the sampler of the issue's speed bars: the default read-out, and the authors' 8 steps with one sample
+SAMPLERS = {"regression": ["--sampler", "regression"],
+            "ddim, 8 steps, 1 sample": ["--sampler", "ddim", "--samples", "1", "--no-flip"],
+            "ddim as shipped (4 samples, mirrored)": ["--sampler", "ddim"]}
+
+
+def sampler_kwargs(argv: list[str]) -> dict:
+    kw = {"sampler": argv[1]}
+    if "--samples" in argv:
+        kw["samples"] = int(argv[argv.index("--samples") + 1])
+    if "--no-flip" in argv:
+        kw["flip"] = False
+    return kw
+
+
+def time_volume(model, cfg, device, n_slices: int, sampler: dict, shape_yx=(128, 128), spacing=(3.906, 3.906, 2.5)):
     ct, masks = phantom_volume(n_slices, shape_yx, spacing)
     t0 = time.perf_counter()
     inputs = prepare_case(ct, masks, cfg)
-    pred = predict_case(inputs, model, cfg, steps=steps, seed=0, device=device)
+    pred = predict_case(inputs, model, cfg, seed=0, device=device, **sampler)
     total = time.perf_counter() - t0
     return total, pred.info
+
+
+def time_process(card: str, patient: Path, device: str, argv: list[str]) -> float:
+    """Wall time of a whole `dosediff predict` process, as a user runs it."""
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "DoseDiffLib.cli", "predict", "--openkbp", str(patient), "--out",
+               str(Path(d) / "dose.csv"), "--model", card, "--seed", "0", "--device", device] + argv
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True)
+        return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -89,6 +121,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["tiny", "small"])
     ap.add_argument("--device", default="auto")
     ap.add_argument("--clinical", action="store_true", help="also a 512 x 512 x 200 CT at 0.98 x 0.98 x 3 mm")
+    ap.add_argument("--openkbp", type=Path, help="an OpenKBP patient folder: time whole predict processes")
+    ap.add_argument("--slices", nargs="+", type=int, default=[32, 64, 128])
     args = ap.parse_args()
     device = choose_device(args.device)
     torch.manual_seed(0)
@@ -113,16 +147,20 @@ def main() -> None:
         rate = network_rate(model, device, batch)
         print(f"\n[{name}] {flops / 1e9:.2f} GFLOP per slice-step; batch {batch}: {rate:.1f} slice-steps/s, "
               f"{rate * flops / 1e9:.0f} GFLOP/s = {100 * rate * flops / peak:.0f} % of the matmul peak")
-        # the paper's 8 steps, and the model's validated default where that differs
-        for steps in dict.fromkeys((8, cfg.diffusion.default_steps)):
-            for n in (32, 64, 128):
-                total, info = time_volume(model, cfg, device, n, steps)
-                print(f"  {n:3d} slices ({info['slices_predicted']} with dose possible), {steps} steps: {total:6.1f} s "
+        for label, argv in SAMPLERS.items():
+            for n in args.slices:
+                total, info = time_volume(model, cfg, device, n, sampler_kwargs(argv))
+                print(f"  {n:3d} slices ({info['slices_predicted']} with dose possible), {label}: {total:6.1f} s "
                       f"(conditions {info['seconds_conditions']:.1f} s, sampling {info['seconds_sampling']:.1f} s), "
                       f"peak RSS {peak_rss_mb():.0f} MB")
             if args.clinical:
-                total, info = time_volume(model, cfg, device, 200, steps, shape_yx=(512, 512), spacing=(0.98, 0.98, 3.0))
-                print(f"  clinical 512 x 512 x 200, {steps} steps: {total:6.1f} s, peak RSS {peak_rss_mb():.0f} MB")
+                total, info = time_volume(model, cfg, device, 200, sampler_kwargs(argv), shape_yx=(512, 512),
+                                          spacing=(0.98, 0.98, 3.0))
+                print(f"  clinical 512 x 512 x 200, {label}: {total:6.1f} s, peak RSS {peak_rss_mb():.0f} MB")
+    if args.openkbp and args.model:
+        print(f"\nwhole `dosediff predict` process on {args.openkbp.name} (imports, model, CSV in and out):")
+        for label, argv in SAMPLERS.items():
+            print(f"  {label}: {time_process(args.model, args.openkbp, args.device, argv):.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,111 @@
+"""Network inputs: every channel against what it means, on asymmetric data."""
+import numpy as np
+import pytest
+import torch
+
+from DoseDiffLib.conditions import (STACK_ROIS, assemble, beam_directions, beam_lines, gather, mirror_channels,
+                                    neighbours, slice_stack)
+from DoseDiffLib.config import POSSIBLE_DOSE, ConditionConfig, ModelConfig
+from DoseDiffLib.losses import sorted_dose_l1
+from DoseDiffLib.phantom import head_and_neck
+from DoseDiffLib.psdm import psdm
+from DoseDiffLib.volume import Volume
+
+CFG = ModelConfig.preset("test").with_conditions(ConditionConfig(context=2, beam_targets=("PTV70", "PTV56")))
+
+
+def one_pixel(n=33, r=10, c=20):
+    t = torch.zeros(1, 1, n, n, dtype=torch.bool)
+    t[0, 0, r, c] = True
+    return t
+
+
+def test_a_vertical_beam_line_is_the_targets_column_and_a_horizontal_one_its_row():
+    t = one_pixel()
+    vertical = beam_lines(t, torch.tensor([[[0.0, 1.0]]]))[0, 0]
+    horizontal = beam_lines(t, torch.tensor([[[1.0, 0.0]]]))[0, 0]
+    assert torch.equal(vertical.nonzero()[:, 1].unique(), torch.tensor([20])) and vertical[:, 20].all()
+    assert torch.equal(horizontal.nonzero()[:, 0].unique(), torch.tensor([10])) and horizontal[10].all()
+
+
+def test_a_diagonal_beam_line_runs_along_the_diagonal_through_the_target():
+    t = one_pixel()
+    d = torch.tensor([[[2 ** -0.5, 2 ** -0.5]]])
+    m = beam_lines(t, d)[0, 0]
+    r, c = m.nonzero().T
+    assert torch.all((c - r) == 10)                    # the line x - y = 20 - 10 and nothing else
+    assert m[0, 10] == 1 and m[22, 32] == 1
+
+
+def test_nine_openkbp_beams_count_how_many_lines_reach_the_target():
+    t = one_pixel(65, 32, 32)
+    m = beam_lines(t, beam_directions(CFG, 1))[0, 0]
+    assert m[32, 32] == 1.0                            # every line through the target itself
+    assert m[0, 32] == pytest.approx(1 / 9)             # straight above: only the 0-degree line
+    assert m[32, 0] == 0.0                              # 90 degrees lies between 80 and 100: none
+    assert m[0, 0] == 0.0
+
+
+def test_every_channel_means_what_its_name_says():
+    ct, masks = head_and_neck(shape=(12, 32, 32), spacing=(4.0, 4.0, 3.0))
+    m = {k: v for k, v in masks.items() if k != "BODY"}
+    m[POSSIBLE_DOSE] = masks["BODY"]
+    stack = slice_stack(ct, m, CFG)
+    rows = np.arange(len(stack.slices))
+    c, k = assemble(*gather(stack.ct, stack.psdm, rows, CFG), CFG)
+    names = CFG.conditions.channel_names()
+    assert k.shape[1] == len(names) == CFG.net.cond_channels and c.shape[1] == CFG.net.ct_channels == 5
+    sl = stack.slices
+    ptv = sum(w * m[n].array[sl] for n, w in CFG.conditions.ptv_weights if n in m)
+    np.testing.assert_allclose(k[:, 0].numpy(), ptv, atol=1e-6)
+    np.testing.assert_array_equal(k[:, names.index("mask:LeftParotid")].numpy(), m["LeftParotid"].array[sl])
+    np.testing.assert_allclose(k[:, names.index("psdm:SpinalCord")].numpy(), psdm(m["SpinalCord"]).array[sl],
+                               atol=1e-6)
+    # context: row i's "@-1" channel is row i-1's PTV image, the first row repeating itself
+    prev = k[:, names.index("PTV weighted@-1")].numpy()
+    np.testing.assert_allclose(prev[1:], ptv[:-1], atol=1e-6)
+    np.testing.assert_allclose(prev[0], ptv[0], atol=1e-6)
+    np.testing.assert_allclose(k[:, names.index("PTV weighted@+2")].numpy()[:-2], ptv[2:], atol=1e-6)
+    np.testing.assert_array_equal(c[:, CFG.conditions.ct_channel_names().index("CT@+1")].numpy()[:-1],
+                                  CFG.norm.ct(ct.array[sl][1:].astype(np.float32)))
+    beams = k[:, names.index("beams:PTV70")]
+    assert torch.all(beams[torch.from_numpy(m["PTV70"].array[sl] > 0)] == 1)
+    assert 0 < beams.mean() < 1
+
+
+def test_neighbours_repeat_the_ends_of_the_stack():
+    np.testing.assert_array_equal(neighbours(5, np.array([0, 4]), (-1, 1, -2, 2)), [[0, 1, 0, 2], [3, 4, 2, 4]])
+
+
+def test_mirroring_the_patient_permutes_the_channels_it_should():
+    """The flip test-time augmentation: the mirrored patient's inputs, parotids relabelled."""
+    ct, masks = head_and_neck(shape=(10, 32, 32), spacing=(4.0, 4.0, 3.0))
+    m = {k: v for k, v in masks.items() if k != "BODY"}
+    m[POSSIBLE_DOSE] = masks["BODY"]
+    mirrored = {n: Volume.on_grid(v.array[..., ::-1].copy(), v.grid) for n, v in m.items()}
+    mirrored["RightParotid"], mirrored["LeftParotid"] = mirrored["LeftParotid"], mirrored["RightParotid"]
+    ct_m = Volume.on_grid(ct.array[..., ::-1].copy(), ct.grid)
+    a = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct, m, CFG)), np.arange(10), CFG), CFG)
+    b = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct_m, mirrored, CFG)), np.arange(10), CFG), CFG)
+    pc, pk = mirror_channels(CFG)
+    assert pk != list(range(len(pk)))                   # the parotid channels do move
+    torch.testing.assert_close(a[0][:, pc].flip(-1), b[0])
+    torch.testing.assert_close(a[1][:, pk].flip(-1), b[1], atol=1e-5, rtol=0)
+
+
+def test_sorted_dose_l1_is_zero_for_a_reordering_and_the_shift_for_a_shift():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(2, 1, 8, 8, generator=g)
+    roi = torch.zeros(2, 2, 8, 8, dtype=torch.bool)
+    roi[:, 0, 2:6, 2:6] = True
+    roi[:, 1, 0, :3] = True
+    permuted = ref.clone()
+    permuted[:, :, 2:6, 2:6] = ref[:, :, 2:6, 2:6].flip(-1)
+    assert sorted_dose_l1(permuted, ref, roi[:, :1]).item() == pytest.approx(0.0, abs=1e-7)
+    assert sorted_dose_l1(ref + 0.3, ref, roi).item() == pytest.approx(0.3, abs=1e-6)
+    # one pixel raised by 1.6 in a 16-pixel ROI: a mean error of 0.1 there, none in the other
+    bumped = ref.clone()
+    bumped[:, :, 3, 3] += 1.6
+    assert sorted_dose_l1(bumped, ref, roi[:, :1]).item() == pytest.approx(0.1, abs=1e-6)
+    # ROIs under min_pixels are left out
+    assert sorted_dose_l1(ref + 0.3, ref, roi[:, 1:], min_pixels=4).item() == 0.0

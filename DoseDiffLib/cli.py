@@ -334,8 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("prepare", help="cache OpenKBP patients for training")
-    p.add_argument("--split", action="append", required=True, help="NAME=FOLDER of pt_N folders (repeatable)")
+    p.add_argument("--split", action="append", help="NAME=FOLDER of pt_N folders (repeatable)")
+    p.add_argument("--pack", type=Path, help="a pack written by `dosediff pack` instead of folders")
     p.add_argument("--cache", type=Path, required=True, help="cache folder")
+    p.add_argument("--workers", type=int, default=1, help="processes (one patient each)")
+    p = sub.add_parser("pack", help="OpenKBP patients in one small file, to train where the archives are not")
+    p.add_argument("--split", action="append", required=True,
+                   help="NAME=FOLDER[:N] of pt_N folders, the first N patients only (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="pack file (.xz)")
+    p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("train", help="train on a prepared cache (resumes from RUN/checkpoint.pt)")
     p.add_argument("--cache", type=Path, required=True)
     p.add_argument("--run", type=Path, required=True, help="run folder: checkpoint, log, curves, best model")
@@ -350,15 +357,42 @@ def cmd_prepare(args) -> int:
     from .config import ModelConfig
     from .prepare import prepare
 
-    splits = {}
-    for item in args.split:
-        name, _, folder = item.partition("=")
-        if not folder:
-            raise DoseDiffError(f"--split {item!r} is not NAME=FOLDER.", "Write e.g. --split train=data/train-pats.")
-        splits[name] = Path(folder)
+    if bool(args.split) == bool(args.pack):
+        raise DoseDiffError("Give either --split NAME=FOLDER (repeatable) or --pack FILE.",
+                            "E.g. --split train=data/train-pats --split validation=data/validation-pats.")
+    splits = {name: folder for name, (folder, _) in _splits(args.split or []).items()}
     bar = tqdm(desc="Caching patients", unit="patient")
-    prepare(splits, args.cache, ModelConfig(), progress=lambda _m: bar.update())
+    prepare(splits, args.cache, ModelConfig(), progress=lambda _m: bar.update(), pack=args.pack,
+            workers=max(1, args.workers))
     bar.close()
+    return 0
+
+
+def _splits(items: list[str]) -> dict[str, tuple[Path, int | None]]:
+    """NAME=FOLDER[:N] arguments."""
+    out = {}
+    for item in items:
+        name, _, rest = item.partition("=")
+        folder, _, count = rest.partition(":")
+        if not name or not folder or (count and not count.isdigit()):
+            raise DoseDiffError(f"--split {item!r} is not NAME=FOLDER or NAME=FOLDER:N.",
+                                "Write e.g. --split train=data/train-pats.")
+        out[name] = (Path(folder), int(count) if count else None)
+    return out
+
+
+def cmd_pack(args) -> int:
+    from tqdm import tqdm
+
+    from .prepare import pack_openkbp
+
+    splits = _splits(args.split)
+    bar = tqdm(desc="Packing patients", unit="patient")
+    out = pack_openkbp({k: f for k, (f, _) in splits.items()}, args.out,
+                       {k: n for k, (_, n) in splits.items() if n}, progress=lambda _m: bar.update(),
+                       overwrite=args.overwrite)
+    bar.close()
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
@@ -397,7 +431,8 @@ def cmd_train(args) -> int:
     return 0
 
 
-COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "train": cmd_train,
+COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "pack": cmd_pack,
+            "train": cmd_train,
             "evaluate": cmd_evaluate, "demo": cmd_demo}
 
 

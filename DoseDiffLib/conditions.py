@@ -96,13 +96,15 @@ def beam_lines(targets: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     """
     b, k, h, w = targets.shape
     a = directions.shape[1]
-    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32) - (h - 1) / 2,
-                          torch.arange(w, dtype=torch.float32) - (w - 1) / 2, indexing="ij")
+    dev = targets.device
+    directions = directions.to(dev)
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float32, device=dev) - (h - 1) / 2,
+                          torch.arange(w, dtype=torch.float32, device=dev) - (w - 1) / 2, indexing="ij")
     across = directions[..., 1:2] * x.reshape(1, 1, -1) - directions[..., 0:1] * y.reshape(1, 1, -1)
     half = math.ceil(math.hypot(h, w) / 2) + 1
-    idx = (torch.round(across).long() + half).to(targets.device)            # (B, A, HW)
+    idx = torch.round(across).long() + half                                  # (B, A, HW)
     idx = idx[:, :, None, :].expand(b, a, k, h * w)
-    hit = torch.zeros(b, a, k, 2 * half + 1, device=targets.device)
+    hit = torch.zeros(b, a, k, 2 * half + 1, device=dev)
     src = targets.reshape(b, 1, k, h * w).expand(b, a, k, h * w).float()
     hit.scatter_reduce_(3, idx, src, reduce="amax")
     return hit.gather(3, idx).mean(1).reshape(b, k, h, w)
@@ -121,7 +123,7 @@ def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: 
     chans = [sum(w * inside[:, pos[n]] for n, w in c.ptv_weights)]
     chans += [inside[:, pos[m]] for m in c.masks]
     chans += [ps[:, pos[p]] for p in c.psdms]
-    weights = torch.tensor([w for _, w in c.ptv_weights], dtype=ps.dtype)
+    weights = torch.tensor([w for _, w in c.ptv_weights], dtype=ps.dtype, device=ps.device)
     for j in range(len(c.context_offsets)):
         chans.append(((ps_ctx[:, j] > 0).to(ps.dtype) * weights[:, None, None]).sum(1))
     if c.beam_targets:

@@ -63,6 +63,7 @@ class TrainConfig:
     context: int = 0               # neighbouring slices each side as extra CT / PTV channels
     beams: bool = False            # beam-line channels for each PTV level
     dvh_weight: float = 0.0        # weight of the per-ROI sorted-dose L1 on the x0 estimate
+    max_seconds: float = 0.0       # stop (validated, checkpointed) after this much training time; 0 = no limit
 
     def model_config(self) -> ModelConfig:
         base = ModelConfig.preset(self.preset)
@@ -118,6 +119,7 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
     cos, sin = torch.cos(ang) / zoom, torch.sin(ang) / zoom
     theta = torch.stack([torch.stack([cos * sx, -sin, shift[:, 0]], 1),
                          torch.stack([sin * sx, cos, shift[:, 1]], 1)], 1)
+    theta, zoom, flip = theta.to(ct.device), zoom.to(ct.device), flip.to(ct.device)
     grid = F.affine_grid(theta, list(ct.shape), align_corners=False)
     warp = lambda x, mode: F.grid_sample(x, grid, mode="bilinear", padding_mode=mode, align_corners=False)  # noqa: E731
     ct = warp(ct + 1, "zeros") - 1          # pads with air (-1)
@@ -135,7 +137,7 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
     # the image at output x shows the patient at theta x, so a beam direction d of the
     # patient appears along theta^-1 d in the augmented image
     inv = torch.linalg.inv(theta[:, :, :2])
-    beams = torch.einsum("bij,baj->bai", inv, beams)
+    beams = torch.einsum("bij,baj->bai", inv, beams.to(inv.device))
     beams = beams / beams.norm(dim=-1, keepdim=True)
     return ct, ps, dose, ps_ctx, beams
 
@@ -263,7 +265,10 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
     model = MMFNet(mcfg.net).to(device, memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < tcfg.decay_at * tcfg.steps else 0.1)
+    # with a time budget the decay comes at decay_at of the budget, else of the steps
+    decayed = [False]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.1 if decayed[0] or s >= tcfg.decay_at * tcfg.steps else 1.0)
     g = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
     state = {"step": 0, "best": float("inf"), "seconds": 0.0}
     ckpt = run_dir / "checkpoint.pt"
@@ -315,19 +320,19 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     while state["step"] < tcfg.steps:
         idx = torch.randint(0, len(data), (tcfg.batch_size,), generator=g).numpy()
-        ct, ps, ps_ctx, dose = data.batch(idx, mcfg)
+        # augmentation and channels on the training device: on a GPU the CPU only gathers slices
+        ct, ps, ps_ctx, dose = (x.to(device, non_blocking=True) for x in data.batch(idx, mcfg))
         ct, ps, dose, ps_ctx, beams = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(idx)))
         ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams)
-        ct = ct.to(device, memory_format=torch.channels_last)
-        dose = dose.to(device)
-        cond = cond.to(device, memory_format=torch.channels_last)
-        inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None].to(device)
+        ct = ct.contiguous(memory_format=torch.channels_last)
+        cond = cond.contiguous(memory_format=torch.channels_last)
+        inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None]
         weight = torch.where(inside, 1.0, tcfg.outside_weight)
         with autocast:
             loss, x0 = diffusion.loss(lambda x, t: net(x, t, ct, cond), dose, generator=g, kind=tcfg.loss,
                                       weight=weight, last_step_fraction=tcfg.last_step_fraction, with_x0=True)
             if tcfg.dvh_weight:
-                rois = (ps[:, [CACHE_ROIS.index(r) for r in mcfg.conditions.rois]] > 0).to(device)
+                rois = ps[:, [CACHE_ROIS.index(r) for r in mcfg.conditions.rois]] > 0
                 loss = loss + tcfg.dvh_weight * sorted_dose_l1(x0.float(), dose.float(), rois)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -347,7 +352,9 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
                 fh.write(json.dumps({"step": step, "loss": loss.item(), "grad_norm": gnorm.item(),
                                      "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t_start, 1),
                                      "slices_per_s": round(step * tcfg.batch_size * world / max(time.time() - t_start, 1e-6), 2)}) + "\n")
-        done = step == tcfg.steps or (stop is not None and stop())
+        out_of_time = tcfg.max_seconds > 0 and time.time() - t_start > tcfg.max_seconds
+        decayed[0] = tcfg.max_seconds > 0 and time.time() - t_start > tcfg.decay_at * tcfg.max_seconds
+        done = step == tcfg.steps or out_of_time or (stop is not None and stop())
         if val is not None and (step % tcfg.val_every == 0 or done):
             v = validate(ema, mcfg, val, tcfg.val_patients, device)
             v.update(step=step, seconds=round(time.time() - t_start, 1))

@@ -262,3 +262,23 @@ def test_an_added_input_channel_reaches_training_the_card_and_prediction(tmp_pat
     ct, masks = head_and_neck(shape=(12, 32, 32), spacing=(4.0, 4.0, 3.0))
     pred = predict_case(prepare_case(ct, masks, cfg), net, cfg, seed=0)
     assert pred.dose.array.shape == ct.array.shape and np.isfinite(pred.dose.array).all()
+
+
+@pytest.mark.slow
+def test_a_pack_prepares_the_same_cache_as_the_csv_folders(openkbp_patient, tmp_path):
+    """The small file a GPU machine trains from gives the cache the archives give."""
+    from DoseDiffLib.prepare import pack_openkbp, prepare
+
+    pack = pack_openkbp({"validation": openkbp_patient.parent}, tmp_path / "p.xz", {"validation": 1})
+    assert pack.stat().st_size < 0.6e6
+    cfg = ModelConfig()
+    prepare({"validation": openkbp_patient.parent}, tmp_path / "a", cfg)
+    prepare({}, tmp_path / "b", cfg, pack=pack)
+    ia, ib = (json.loads((tmp_path / d / "index.json").read_text()) for d in "ab")
+    assert ia == ib
+    pid = openkbp_patient.name
+    # normalised units: the CT kept to 8 HU (4 HU error of 1250 per unit), the dose to 0.1 Gy (0.05 of 40)
+    for kind, tol in (("ct", 4 / 1250), ("psdm", 0), ("dose", 0.05 / 40)):
+        a = np.load(tmp_path / "a" / f"{pid}_{kind}.npy").astype(np.float32)
+        b = np.load(tmp_path / "b" / f"{pid}_{kind}.npy").astype(np.float32)
+        np.testing.assert_allclose(a, b, atol=tol + 2e-3)   # + float16 rounding of the cache

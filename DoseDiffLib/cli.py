@@ -278,12 +278,18 @@ def cmd_evaluate(args) -> int:
                         ("--series-uid", args.series_uid)):
         if value is not None:
             raise DoseDiffError(f"{flag} is used only with --dicom.", f"Drop {flag}.")
-    bar = tqdm(desc="Evaluating", unit="patient")
+    bars = []  # started with the first patient: a refusal before it prints nothing but its line
+
+    def progress(_pid: str) -> None:
+        if not bars:
+            bars.append(tqdm(desc="Evaluating", unit="patient"))
+        bars[0].update()
     try:
         overall = evaluate_openkbp(args.openkbp, args.predictions, args.out, gamma=not args.no_gamma,
-                                   plots=not args.no_plots, overwrite=args.overwrite, progress=lambda _p: bar.update())
+                                   plots=not args.no_plots, overwrite=args.overwrite, progress=progress)
     finally:
-        bar.close()
+        for bar in bars:
+            bar.close()
     brief = {k: v for k, v in overall.items() if k != "dvh_error_per_roi"}
     print(json.dumps(brief, indent=1))
     if args.update_card:
@@ -492,7 +498,7 @@ def _setting(key: str, text: str, default):
         else:
             value = kind(text)
     except ValueError:
-        raise DoseDiffError(f"--set {key}={text!r} is not a {kind.__name__}.",
+        raise DoseDiffError(f"--set {key}={text!r} is not a valid {kind.__name__}.",
                             f"Give a {kind.__name__} such as {key}={default!r}.") from None
     limits = _TRAIN_LIMITS.get(key)
     if isinstance(value, str):

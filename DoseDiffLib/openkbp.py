@@ -47,7 +47,7 @@ def _read_sparse(path: Path, with_values: bool) -> np.ndarray:
         data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2,
                           usecols=(0, 1) if with_values else (0,), dtype=np.float64)
     except (ValueError, OSError) as exc:
-        raise DoseDiffError(f"Cannot parse OpenKBP file {path}: {exc}.",
+        raise DoseDiffError(f"Cannot parse OpenKBP file {path}: {str(exc).rstrip('.')}.",
                             "Check that it is an unmodified OpenKBP CSV (header ',data').") from None
     flat = np.zeros(int(np.prod(SHAPE)), np.float32)
     if data.size:

@@ -304,6 +304,8 @@ def _to_ct_grid(inputs: ModelInputs, arr: np.ndarray) -> Volume:
     else:
         on_ct = on_model.array
     out = Volume.on_grid((on_ct * (inputs.body_on_ct > 0)).astype(np.float32), inputs.ct_grid)
-    if inputs.output_grid is not None:  # voxel centres coincide: linear is exact here
+    if inputs.output_grid is not None:  # the CT as given: exact for flips, interpolated when oblique
         out = resample(out, inputs.output_grid, "linear", default=0.0)
+        body = resample_mask(Volume.on_grid(inputs.body_on_ct, inputs.ct_grid), inputs.output_grid)
+        out = out.with_array(out.array * body.array)  # interpolation must not spill dose out of the body
     return out

@@ -91,7 +91,7 @@ def _spacing(ds: Dataset, path: Path) -> tuple[float, float]:
     """PixelSpacing as (between rows, between columns), both positive."""
     row_sp, col_sp = _numbers(ds, "PixelSpacing", 2, path)
     if row_sp <= 0 or col_sp <= 0:
-        raise DoseDiffError(f"{path}: PixelSpacing {[row_sp, col_sp]} is not positive.",
+        raise DoseDiffError(f"{path}: PixelSpacing {[float(row_sp), float(col_sp)]} is not positive.",
                             "Export the file again from the planning system.")
     return float(row_sp), float(col_sp)
 

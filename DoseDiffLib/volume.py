@@ -443,8 +443,15 @@ def read_segmentation(path: Path) -> dict[str, Volume]:
     one-segment-per-layer files without label values.
     """
     img = _sitk_read(path)
-    keys = set(img.GetMetaDataKeys())
-    meta = {k: img.GetMetaData(k) for k in keys}
+    try:
+        keys = set(img.GetMetaDataKeys())
+        meta = {k: img.GetMetaData(k) for k in keys}
+    except (TypeError, UnicodeError, RuntimeError):
+        raise DoseDiffError(f"The header of {path} holds unreadable (non-text) fields.",
+                            "Re-save the segmentation from Slicer.") from None
+    if img.GetDimension() not in (3, 4):
+        raise DoseDiffError(f"{path} is a {img.GetDimension()}-D image, not a 3-D segmentation.",
+                            "Give a Slicer .seg.nrrd or a 3-D labelmap.")
     n_comp = img.GetNumberOfComponentsPerPixel()
     if img.GetDimension() == 4:
         arr4 = sitk.GetArrayFromImage(img)  # (layer, z, y, x)
@@ -466,9 +473,13 @@ def read_segmentation(path: Path) -> dict[str, Volume]:
                 masks[f"label_{int(value)}"] = geometry.with_array((layers[0] == value).astype(np.uint8))
     for i in indices:
         name = meta[f"Segment{i}_Name"]
-        layer = int(meta.get(f"Segment{i}_Layer", i if len(layers) > 1 else 0))
-        label = int(meta.get(f"Segment{i}_LabelValue", 1))
-        if layer >= len(layers):
+        try:
+            layer = int(meta.get(f"Segment{i}_Layer", i if len(layers) > 1 else 0))
+            label = int(meta.get(f"Segment{i}_LabelValue", 1))
+        except ValueError:
+            raise DoseDiffError(f"Segment {name!r} in {path} has a layer or label value that is not a number.",
+                                "Re-save the segmentation from Slicer.") from None
+        if not 0 <= layer < len(layers):
             raise DoseDiffError(f"Segment {name!r} in {path} points to layer {layer}, "
                                 f"but the file has {len(layers)}.", "Re-save the segmentation from Slicer.")
         masks[name] = geometry.with_array((layers[layer] == label).astype(np.uint8))

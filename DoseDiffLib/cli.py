@@ -221,12 +221,7 @@ def _predict_openkbp_cohort(args) -> int:
     _check_steps(args.steps, cfg)
     make_folder(args.out)
     timings_path = args.out / "timings.json"
-    try:
-        timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        timings = None
-    if not isinstance(timings, dict):
-        raise DoseDiffError(f"{timings_path} is damaged.", "Delete it (the timings are measured again).")
+    timings = _read_timings(timings_path)
     for folder in tqdm(folders, desc="Patients", unit="patient"):
         out = args.out / f"{folder.name}.csv"
         if out.exists() and not args.overwrite:
@@ -245,15 +240,31 @@ def _predict_openkbp_cohort(args) -> int:
     return 0
 
 
+def _read_timings(path: Path) -> dict:
+    """The per-patient timings of a cohort prediction ({} when there are none)."""
+    if not path.is_file():
+        return {}
+    try:
+        timings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        timings = None
+    if not isinstance(timings, dict) or not all(isinstance(v, dict) and {"seconds", "slices"} <= set(v)
+                                                for v in timings.values()):
+        raise DoseDiffError(f"{path} is damaged.", "Delete it (the timings are measured again by predict).")
+    return timings
+
+
 def cmd_evaluate(args) -> int:
     from tqdm import tqdm
 
     from .evaluate import evaluate_openkbp
 
-    if args.update_card is not None:
+    timings: dict = {}
+    if args.update_card is not None:  # a bad card or timings file is refused before the evaluation, not after
         from .modelcard import read_card
 
-        read_card(args.update_card)  # a bad card is refused before the evaluation, not after
+        read_card(args.update_card)
+        timings = _read_timings(args.predictions / "timings.json") if args.predictions else {}
     if args.dicom is not None:
         from .evaluate import evaluate_dicom
         from .rois import read_mapping
@@ -295,8 +306,6 @@ def cmd_evaluate(args) -> int:
     if args.update_card:
         from .modelcard import update_card
 
-        timing_file = args.predictions / "timings.json"
-        timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
         measured = {"validation": {
             "data": f"OpenKBP {args.openkbp.name} ({overall['patients']} patients)", **brief,
             "dvh_error_per_roi": overall["dvh_error_per_roi"],
@@ -565,9 +574,14 @@ def cmd_train(args) -> int:
     finally:
         if world > 1:
             dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 validates and exports
+        return 0
+    if not card.exists() and tcfg.val_every == 0:
+        print(f"no validation (val_every=0), so no best model: the weights are in {args.run / 'checkpoint.pt'}")
+        return 0
     if not card.exists():
         raise DoseDiffError(f"Training ended without a best model: {card} was never written (no validation "
-                            "produced a finite score).", "Check the run's log.jsonl; set val_every > 0.")
+                            "produced a finite score).", "Check the run's log.jsonl.")
     print(f"best model: {card}")
     return 0
 
@@ -629,7 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     except DoseDiffError as exc:
         message = str(exc)
     except (KeyboardInterrupt, Cancelled):
-        message = "Interrupted; files of this run were removed (finished patients of a cohort are kept)."
+        message = ("Interrupted; the files this run had started were removed (finished work of a cohort "
+                   "prediction, prepare or train is kept).")
     except MemoryError:
         message = "Out of memory. Fix: pass a smaller --batch-size, or use a machine with more memory."
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, the trace in a file

@@ -384,6 +384,14 @@ def evaluate_update_card_damaged(root, card, _m):
 
 
 @case("work thrown away")
+def evaluate_update_card_timings_damaged(root, card, _m):
+    c = B.copy_card(card, root / "m")
+    argv = _evaluate_openkbp(root, "--update-card", str(c))
+    (root / "preds" / "timings.json").write_text('{"pt_1": {"seconds": 3}}')
+    return argv, "timings.json is damaged"
+
+
+@case("work thrown away")
 def init_model_weights_exist(root, card, _m):
     (root / "m.safetensors").write_text("keep me")
     return ["init-model", "--preset", "test", "--out", str(root / "m.json")], "m.safetensors already exists"
@@ -651,7 +659,7 @@ def predict_interrupted(root, card, monkeypatch):
     def interrupted(*_a, **_k):
         raise KeyboardInterrupt
     monkeypatch.setattr(pr, "predict_case", interrupted)
-    return predict(root, card, "--out", str(root / "d.nrrd")), "Interrupted; files of this run were removed"
+    return predict(root, card, "--out", str(root / "d.nrrd")), "Interrupted; the files this run had started were removed"
 
 
 @case("left behind")

@@ -154,8 +154,8 @@ def test_a_terminated_run_removes_its_temporary_and_its_folders(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
-    assert err.strip().splitlines() == ["error: Interrupted; files of this run were removed (finished patients "
-                                        "of a cohort are kept)."]
+    assert err.strip().splitlines() == ["error: Interrupted; the files this run had started were removed "
+                                        "(finished work of a cohort prediction, prepare or train is kept)."]
     assert list(tmp_path.iterdir()) == []
 
 

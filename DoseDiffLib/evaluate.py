@@ -187,7 +187,7 @@ def evaluate_openkbp(root: Path, predictions: Path, out_dir: Path, gamma: bool =
     from .plots import dvh_comparison
 
     pairs = _openkbp_pairs(Path(root), Path(predictions))
-    pngs = tuple(f"dvh_{f.name}.png" for f, _ in pairs) if plots else ()
+    pngs = tuple(f"dvh_{safe_name(f.name)}.png" for f, _ in pairs) if plots else ()
     check_output_folder(out_dir, REPORT_FILES + pngs, overwrite)
     evals = []
     make_folder(out_dir)
@@ -200,7 +200,7 @@ def evaluate_openkbp(root: Path, predictions: Path, out_dir: Path, gamma: bool =
         e = evaluate_patient(p.pid, p.dose.array, pred, masks, p.possible_dose.array, p.ct.spacing, gamma)
         evals.append(e)
         if plots:
-            dvh_comparison(p.dose.array, pred, masks, out_dir / f"dvh_{folder.name}.png",
+            dvh_comparison(p.dose.array, pred, masks, out_dir / f"dvh_{safe_name(folder.name)}.png",
                            f"{p.pid}: plan (solid) vs DoseDiff (dashed), dose score {e.scores['dose_score']:.2f} Gy",
                            overwrite=overwrite)
         if progress:

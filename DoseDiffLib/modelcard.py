@@ -97,6 +97,9 @@ def read_card(card_path: str | os.PathLike) -> dict[str, Any]:
     card_path = Path(card_path)
     if card_path.suffix == ".safetensors":
         card_path = card_path.with_suffix(".json")
+    if card_path.suffix != ".json" and not card_path.is_dir():
+        raise DoseDiffError(f"Model {card_path} is not a model card.",
+                            "Give the .json card that sits beside the .safetensors weights.")
     if card_path.is_dir():
         inside = sorted(p.name for p in card_path.glob("*.json"))
         raise DoseDiffError(f"Model {card_path} is a folder, not a model card.",

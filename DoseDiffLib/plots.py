@@ -28,7 +28,7 @@ def cumulative_dvh(dose_in_roi: np.ndarray, bins: np.ndarray) -> np.ndarray:
     return 100.0 * (d.size - np.searchsorted(d, bins, side="left")) / max(d.size, 1)
 
 
-def _save(fig, path: str | Path, dpi: int, overwrite: bool) -> Path:
+def save_figure(fig, path: str | Path, dpi: int, overwrite: bool) -> Path:
     """Through the one safe writer: never through a link, never half a PNG."""
     plt = _plt()
     try:
@@ -60,7 +60,7 @@ def dvh_comparison(reference: np.ndarray | None, prediction: np.ndarray, masks: 
     fig.text(0.01, 0.01, "DoseDiff prediction: research and planning guidance only, not a TPS dose calculation.",
              fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    return _save(fig, path, 110, overwrite)
+    return save_figure(fig, path, 110, overwrite)
 
 
 def dose_overlay(ct_hu: np.ndarray, dose: np.ndarray, masks: Mapping[str, np.ndarray],
@@ -96,4 +96,4 @@ def dose_overlay(ct_hu: np.ndarray, dose: np.ndarray, masks: Mapping[str, np.nda
         ax.axis("off")
     fig.colorbar(im, ax=axes, fraction=0.015, label="Dose (Gy)")
     fig.suptitle(title or "DoseDiff predicted dose (research and planning guidance only)")
-    return _save(fig, path, 100, overwrite)
+    return save_figure(fig, path, 100, overwrite)

@@ -29,6 +29,7 @@ from .errors import DoseDiffError
 from .metrics import dose_score, dvh_errors, dvh_metrics, dvh_score
 from .mmfnet import MMFNet
 from .modelcard import save_model
+from .plots import save_figure
 from .prepare import CACHE_ROIS, conditions_from_psdm
 
 
@@ -206,8 +207,7 @@ def plot_curves(log_path: Path, png: Path) -> None:
         a2.legend()
     a2.set(xlabel="step", ylabel="Gy", title="Validation subset")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png, 100, overwrite=True)  # the one safe writer: never through a link
 
 
 def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,

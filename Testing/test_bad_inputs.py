@@ -88,6 +88,11 @@ def model_missing(root, card, _m):
 
 
 @case("traceback")
+def model_is_an_image(root, card, _m):
+    return predict(root, root / "ct.nrrd", "--out", str(root / "d.nrrd")), "ct.nrrd is not a model card"
+
+
+@case("traceback")
 def model_card_not_json(root, card, _m):
     c = B.copy_card(card, root / "m")
     c.write_text("{ not json")

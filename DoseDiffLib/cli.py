@@ -476,7 +476,11 @@ def cmd_prepare(args) -> int:
             raise DoseDiffError(f"--split {item}: {folder} holds no OpenKBP patients (pt_N folders with ct.csv).",
                                 "Point to a split folder such as data/train-pats.")
         splits[name] = Path(folder)
-    check_output_folder(args.cache)
+    no_dose = [p.name for f in splits.values() for p in openkbp.patient_folders(f) if not (p / "dose.csv").is_file()]
+    if no_dose:
+        raise DoseDiffError(f"{len(no_dose)} patient(s) have no dose.csv ({', '.join(no_dose[:3])}); training "
+                            "needs the clinical dose.", "Prepare only the train and validation splits.")
+    make_folder(args.cache)
     bar = tqdm(desc="Caching patients", unit="patient")
     try:
         prepare(splits, args.cache, ModelConfig(), progress=lambda _m: bar.update())
@@ -560,7 +564,7 @@ def cmd_train(args) -> int:
 
     tcfg = _train_settings(args.set or [])
     check_cache(args.cache)
-    check_output_folder(args.run)
+    make_folder(args.run)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = choose_device(args.device)
     if world > 1:
@@ -589,7 +593,7 @@ def cmd_train(args) -> int:
 COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "train": cmd_train,
             "evaluate": cmd_evaluate, "demo": cmd_demo}
 # these write one result each: a failure removes what they had written (cohort prediction,
-# prepare and train are resumable and keep their finished parts)
+# prepare and train are resumable: they keep their finished files, only empty folders go)
 ALL_OR_NOTHING = ("init-model", "evaluate", "demo")
 
 
@@ -636,10 +640,8 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():  # killed runs clean up like Ctrl-C
         handler = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        if _writes_one_result(args):
-            with all_or_nothing():
-                return COMMANDS[args.command](args)
-        return COMMANDS[args.command](args)
+        with all_or_nothing(keep_files=not _writes_one_result(args)):
+            return COMMANDS[args.command](args)
     except DoseDiffError as exc:
         message = str(exc)
     except (KeyboardInterrupt, Cancelled):

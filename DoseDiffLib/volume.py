@@ -328,15 +328,21 @@ def make_folder(folder: str | os.PathLike) -> Path:
 
 
 @contextlib.contextmanager
-def all_or_nothing() -> Iterator[None]:
+def all_or_nothing(keep_files: bool = False) -> Iterator[None]:
     """Remove again every file and folder created inside the block if the block fails
-    (an error, Ctrl-C or SIGTERM): a failed command leaves no half report behind."""
+    (an error, Ctrl-C or SIGTERM): a failed command leaves no half report behind.
+
+    keep_files: for resumable work (cohort prediction, cache, training), whose finished
+    files are kept; only the folders it created and left empty are removed.
+    """
     created: list[Path] = []
     _CREATED.append(created)
     try:
         yield
     except BaseException:
         for p in reversed(created):
+            if keep_files and not p.is_dir():
+                continue
             try:
                 p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
             except OSError:

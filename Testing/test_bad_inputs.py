@@ -228,6 +228,20 @@ def prepare_split_missing(root, card, _m):
     return ["prepare", "--split", f"train={root / 'none'}", "--cache", str(root / "c")], "OpenKBP folder .* not found"
 
 
+@case("left behind")
+def prepare_split_without_doses(root, card, _m):
+    B.openkbp_patient(root / "test" / "pt_9", with_dose=False)
+    return ["prepare", "--split", f"test={root / 'test'}", "--cache", str(root / "new" / "cache")], \
+        r"1 patient\(s\) have no dose.csv \(pt_9\)"
+
+
+@case("left behind")
+def cohort_fails_at_first_patient(root, card, _m):
+    B.openkbp_patient(root / "val" / "pt_1")
+    return ["predict", "--openkbp", str(root / "val"), "--model", str(card), "--out", str(root / "preds")], \
+        "The model takes 32 px slices"
+
+
 @case("traceback")
 def prepare_split_not_name_folder(root, card, _m):
     return ["prepare", "--split", "train", "--cache", str(root / "c")], "is not NAME=FOLDER"

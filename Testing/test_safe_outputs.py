@@ -170,3 +170,21 @@ def test_a_killed_runs_temporary_is_removed_by_the_next_write(tmp_path):
     mine.write_text("in progress")
     atomic_write(tmp_path / "new" / "m.json", lambda p: p.write_text("{}"))
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(["m.json", mine.name])
+
+
+@pytest.mark.parametrize("keep_files", [False, True])
+def test_a_failed_block_removes_what_it_created(tmp_path, keep_files):
+    """One-result commands lose everything they started; resumable ones keep finished files."""
+    from DoseDiffLib.errors import DoseDiffError
+    from DoseDiffLib.volume import all_or_nothing, make_folder
+
+    (tmp_path / "old.txt").write_text("the user's")
+    with pytest.raises(DoseDiffError), all_or_nothing(keep_files=keep_files):
+        make_folder(tmp_path / "a" / "done")
+        make_folder(tmp_path / "a" / "empty")
+        atomic_write(tmp_path / "a" / "done" / "pt_1.csv", lambda p: p.write_text("finished"))
+        atomic_write(tmp_path / "old.txt", lambda p: p.write_text("replaced"), overwrite=True)
+        raise DoseDiffError("the second patient failed")
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert left == (["a", "a/done", "a/done/pt_1.csv", "old.txt"] if keep_files else ["old.txt"])
+    assert (tmp_path / "old.txt").read_text() == "replaced"  # asked to overwrite: not restored, not deleted

@@ -649,6 +649,13 @@ def main(argv: list[str] | None = None) -> int:
                    "prediction, prepare or train is kept).")
     except MemoryError:
         message = "Out of memory. Fix: pass a smaller --batch-size, or use a machine with more memory."
+    except OSError as exc:  # the machine's doing (permissions, a full disk, a vanished file), not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = (f"Cannot access {where}{exc.strerror or exc}. Fix: check the path, its permissions and the "
+                   "free disk space.")
+    except ImportError as exc:
+        message = (f"A required package is missing ({exc}). Fix: install DoseDiff with its dependencies "
+                   "(pip install -e . or make install).")
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, the trace in a file
         if type(exc).__name__ == "OutOfMemoryError":
             message = f"The GPU ran out of memory ({_one_line(exc)[:120]}). Fix: pass a smaller --batch-size."

@@ -691,13 +691,29 @@ def demo_fails_after_folder_made(root, card, monkeypatch):
     return ["demo", "--model", str(card), "--out", str(root / "new" / "demo"), "--steps", "1"], "plotting failed"
 
 
-@case("left behind")
-def unexpected_error_names_its_trace(root, card, monkeypatch):
+def _command_raising(monkeypatch, exc: BaseException) -> None:
     import DoseDiffLib.cli as cli
 
-    def crash(_args):
-        return 1 / 0
-    monkeypatch.setitem(cli.COMMANDS, "init-model", crash)
+    def fail(_args):
+        raise exc
+    monkeypatch.setitem(cli.COMMANDS, "init-model", fail)
+
+
+@case("traceback")
+def disk_full(root, card, monkeypatch):
+    _command_raising(monkeypatch, OSError(28, "No space left on device", str(root / "m.json")))
+    return ["init-model", "--out", str(root / "m.json")], "Cannot access .*m.json: No space left on device"
+
+
+@case("traceback")
+def package_missing(root, card, monkeypatch):
+    _command_raising(monkeypatch, ModuleNotFoundError("No module named 'torch'"))
+    return ["init-model", "--out", str(root / "m.json")], "A required package is missing .*'torch'.*pip install"
+
+
+@case("left behind")
+def unexpected_error_names_its_trace(root, card, monkeypatch):
+    _command_raising(monkeypatch, ZeroDivisionError("division by zero"))
     crash_dir = root.with_name(root.name + "-crash")  # beside the checked folder, not in it
     crash_dir.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(crash_dir))

@@ -188,3 +188,19 @@ def test_a_failed_block_removes_what_it_created(tmp_path, keep_files):
     left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     assert left == (["a", "a/done", "a/done/pt_1.csv", "old.txt"] if keep_files else ["old.txt"])
     assert (tmp_path / "old.txt").read_text() == "replaced"  # asked to overwrite: not restored, not deleted
+
+
+def test_an_unexpected_error_leaves_its_full_trace_where_the_line_says(tmp_path, monkeypatch, capsys):
+    import re
+    import tempfile
+
+    import DoseDiffLib.cli as cli
+
+    def crash(_args):
+        return {}["missing"]
+    monkeypatch.setitem(cli.COMMANDS, "init-model", crash)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert main(["init-model", "--out", str(tmp_path / "m.json")]) == 2
+    line = capsys.readouterr().err.strip()
+    path = Path(re.search(r"full trace in (\S+);", line).group(1))
+    assert path.parent == tmp_path and "Traceback" in path.read_text() and "KeyError: 'missing'" in path.read_text()

@@ -174,10 +174,13 @@ def _nifti_nonfinite(path: Path) -> int:
             if dtype is None:
                 return 0
             fh.seek(offset)
-            data = np.frombuffer(fh.read(), np.dtype(endian + dtype))
+            kind, bad = np.dtype(endian + dtype), 0
+            while chunk := fh.read(kind.itemsize << 22):  # 4 M voxels at a time: no second copy of a large CT
+                usable = len(chunk) - len(chunk) % kind.itemsize
+                bad += int((~np.isfinite(np.frombuffer(chunk[:usable], kind))).sum())
     except (OSError, EOFError, struct.error, ValueError, zlib.error):
         return 0  # unreadable files are reported by the image reader itself
-    return int((~np.isfinite(data)).sum())
+    return bad
 
 
 def read_volume(path: str | os.PathLike, reorient: bool = True) -> Volume:

@@ -10,9 +10,14 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from .errors import Cancelled, DoseDiffError
 from .volume import all_or_nothing, atomic_write, check_output, check_output_folder, make_folder
+
+if TYPE_CHECKING:  # the heavy modules are imported by the commands that need them
+    from .config import ModelConfig
+    from .train import TrainConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "dosediff-openkbp.json"
 
@@ -31,7 +36,7 @@ def _progress_bar(desc: str):
     return bar, update
 
 
-def _int_in(lo: int, hi: int):
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
     """An argparse type: an integer in [lo, hi], refused with the range otherwise."""
     def parse(text: str) -> int:
         try:
@@ -95,7 +100,7 @@ def _distinct(paths: dict[str, Path | None], inputs: dict[str, Path | None]) -> 
         seen[real] = name
 
 
-def _check_predict(args) -> None:
+def _check_predict(args: argparse.Namespace) -> None:
     """Every argument and output of predict, before the model or any image is loaded."""
     if args.out is None and args.out_dicom is None:
         raise DoseDiffError("No output given.", "Add --out dose.nrrd (or --out-dicom DIR with --dicom).")
@@ -131,7 +136,7 @@ def _check_predict(args) -> None:
               {"--ct": args.ct, "--structures": args.structures, "--mapping": args.mapping, "--model": args.model})
 
 
-def _check_steps(steps: int | None, cfg) -> None:
+def _check_steps(steps: int | None, cfg: "ModelConfig") -> None:
     if steps is not None and steps > cfg.diffusion.timesteps:
         raise DoseDiffError(f"--steps {steps} exceeds the model's {cfg.diffusion.timesteps} diffusion timesteps.",
                             f"Use 1..{cfg.diffusion.timesteps} (the card validates {cfg.diffusion.default_steps}).")
@@ -142,7 +147,7 @@ def _print_warnings(warnings: list[str]) -> None:
         print(f"warning: {w}", file=sys.stderr)
 
 
-def cmd_predict(args) -> int:
+def cmd_predict(args: argparse.Namespace) -> int:
     from . import openkbp
     from .modelcard import load_model
     from .predict import prepare_case, prepare_openkbp, predict_case
@@ -194,7 +199,7 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _predict_openkbp_cohort(args) -> int:
+def _predict_openkbp_cohort(args: argparse.Namespace) -> int:
     """Every pt_N under a split folder -> OUT/pt_N.csv; existing files are kept (resumable)."""
     import time
 
@@ -254,7 +259,7 @@ def _read_timings(path: Path) -> dict:
     return timings
 
 
-def cmd_evaluate(args) -> int:
+def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .evaluate import evaluate_openkbp
@@ -315,7 +320,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on an embedded case: phantom (default) or one OpenKBP patient."""
     from . import openkbp
     from .evaluate import evaluate_patient, plan_summary
@@ -386,7 +391,7 @@ def _timing_summary(timings: dict) -> dict:
             **{k: rows[0][k] for k in ("device", "threads", "steps", "samples")}}
 
 
-def cmd_init_model(args) -> int:
+def cmd_init_model(args: argparse.Namespace) -> int:
     import torch
 
     from .config import ModelConfig
@@ -407,7 +412,7 @@ def cmd_init_model(args) -> int:
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (argparse prints the usage block and exits by itself)."""
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         raise DoseDiffError(f"{self.prog}: {message}.", f"See {self.prog} --help.")
 
 
@@ -458,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_prepare(args) -> int:
+def cmd_prepare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import openkbp
@@ -500,7 +505,7 @@ _TRAIN_LIMITS: dict[str, tuple] = {
 }
 
 
-def _setting(key: str, text: str, default):
+def _setting(key: str, text: str, default: object) -> object:
     """One --set value, parsed as the type of its default and checked against its range."""
     kind = type(default)
     try:
@@ -531,7 +536,7 @@ def _setting(key: str, text: str, default):
     return value
 
 
-def _train_settings(items: list[str]):
+def _train_settings(items: list[str]) -> "TrainConfig":
     import dataclasses
 
     from .train import TrainConfig
@@ -554,7 +559,7 @@ def _train_settings(items: list[str]):
     return TrainConfig(**overrides)
 
 
-def cmd_train(args) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
@@ -597,7 +602,7 @@ COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd
 ALL_OR_NOTHING = ("init-model", "evaluate", "demo")
 
 
-def _writes_one_result(args) -> bool:
+def _writes_one_result(args: argparse.Namespace) -> bool:
     if args.command == "predict":
         return args.openkbp is None or (args.openkbp / "ct.csv").exists()
     return args.command in ALL_OR_NOTHING

@@ -355,14 +355,14 @@ def all_or_nothing(keep_files: bool = False) -> Iterator[None]:
         _CREATED.pop()
 
 
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporaries of `path` left by a process that was killed (SIGKILL cannot be caught)."""
-    prefix = f".{path.name}."
-    for f in path.parent.iterdir():
-        if not (f.name.startswith(prefix) and _TMP_TAG in f.name):
-            continue
-        pid = f.name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+_TMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+" + re.escape(_TMP_TAG))
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporaries in `folder` left by processes that were killed (SIGKILL cannot be caught)."""
+    for f in folder.iterdir():
+        m = _TMP_NAME.match(f.name)
+        if m and not _alive(int(m.group(1))):
             f.unlink(missing_ok=True)
 
 
@@ -381,11 +381,11 @@ def atomic_write(path: str | os.PathLike, writer: Callable[[Path], object], over
 
     The temporary sits beside the target as .<name>.<pid>.<random>.dosediff-tmp<suffix>:
     it is removed on any error, Ctrl-C or SIGTERM, and one left by a killed process is
-    removed by the next write to the same path. Links are never written through.
+    removed by the next write into the same folder. Links are never written through.
     """
     path = check_output(path, overwrite)
     is_new = not os.path.lexists(path)
-    _remove_stale_temporaries(path)
+    _remove_stale_temporaries(path.parent)
     suffix = next((s for s in VOLUME_SUFFIXES if path.name.endswith(s)), path.suffix)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_TAG + suffix, dir=path.parent)
     os.close(fd)

@@ -168,8 +168,8 @@ def test_a_killed_runs_temporary_is_removed_by_the_next_write(tmp_path):
     assert len(left) == 1 and left[0].startswith(".m.json.") and "dosediff-tmp" in left[0]
     mine = tmp_path / "new" / f".m.json.{os.getpid()}.x.dosediff-tmp.json"  # a live writer's: kept
     mine.write_text("in progress")
-    atomic_write(tmp_path / "new" / "m.json", lambda p: p.write_text("{}"))
-    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(["m.json", mine.name])
+    atomic_write(tmp_path / "new" / "other.json", lambda p: p.write_text("{}"))  # any write into the folder
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(["other.json", mine.name])
 
 
 @pytest.mark.parametrize("keep_files", [False, True])

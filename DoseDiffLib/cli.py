@@ -4,11 +4,20 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, NoReturn
 
-from .errors import DoseDiffError
+from .errors import Cancelled, DoseDiffError
+from .volume import all_or_nothing, atomic_write, check_output, check_output_folder, make_folder
+
+if TYPE_CHECKING:  # the heavy modules are imported by the commands that need them
+    from .config import ModelConfig
+    from .train import TrainConfig
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "dosediff-openkbp.json"
 
@@ -27,14 +36,35 @@ def _progress_bar(desc: str):
     return bar, update
 
 
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in [lo, hi], refused with the range otherwise."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is outside {lo}..{hi}")
+        return value
+    return parse
+
+
+SEED = _int_in(0, 2 ** 32 - 1)
+STEPS = _int_in(1, 10000)
+SAMPLES = _int_in(1, 256)
+BATCH = _int_in(1, 4096)
+# single-file formats only: a detached header (.nhdr, .mhd) would name the temporary data file
+DOSE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
+
+
 def _add_sampler(p) -> None:
     from .config import SAMPLERS
 
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="regression (one call, fastest) or ddim (the paper's 8 steps, 4 samples, mirrored); "
                         "default: the one the model card was validated with")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (overrides the sampler's)")
-    p.add_argument("--samples", type=int, default=None, help="samples averaged (overrides the sampler's)")
+    p.add_argument("--steps", type=STEPS, default=None, help="DDIM steps (overrides the sampler's)")
+    p.add_argument("--samples", type=SAMPLES, default=None, help="samples averaged (overrides the sampler's)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="also predict the mirrored patient and average (overrides the sampler's)")
 
@@ -57,26 +87,76 @@ def _add_predict(sub) -> None:
     p.add_argument("--std-out", type=Path, help="also write the per-voxel standard deviation (needs --samples > 1)")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model card (.json)")
     _add_sampler(p)
-    p.add_argument("--seed", type=int, default=None, help="random seed (default: random, reported)")
+    p.add_argument("--seed", type=SEED, default=None, help="random seed 0..2^32-1 (default: random, reported)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    p.add_argument("--batch-size", type=int, default=None, help="slices per network call (default: fits memory)")
+    p.add_argument("--batch-size", type=BATCH, default=None, help="slices per network call (default: fits memory)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
 
-def _check_outputs(args) -> None:
+def _exists(path: Path | None, what: str, folder: bool = False) -> None:
+    """An input named on the command line, checked before anything is loaded."""
+    if path is None:
+        return
+    if not path.exists():
+        raise DoseDiffError(f"File not found: {path} (the {what}).", "Check the path and its spelling.")
+    if folder and not path.is_dir():
+        raise DoseDiffError(f"{what} {path} is a file, not a folder.", "Give the folder.")
+
+
+def _distinct(paths: dict[str, Path | None], inputs: dict[str, Path | None]) -> None:
+    """No two outputs on one file, and no output on an input (--std-out = --out wrote the SD as the dose)."""
+    seen: dict[Path, str] = {os.path.realpath(p): n for n, p in inputs.items() if p is not None}
+    for name, p in paths.items():
+        if p is None:
+            continue
+        real = os.path.realpath(p)
+        if real in seen:
+            raise DoseDiffError(f"{name} {p} is the same file as {seen[real]}.", f"Give {name} its own path.")
+        seen[real] = name
+
+
+def _check_predict(args: argparse.Namespace) -> None:
+    """Every argument and output of predict, before the model or any image is loaded."""
     if args.out is None and args.out_dicom is None:
         raise DoseDiffError("No output given.", "Add --out dose.nrrd (or --out-dicom DIR with --dicom).")
     if args.out_dicom is not None and args.dicom is None:
         raise DoseDiffError("--out-dicom needs a --dicom input (the RTDOSE refers to its CT).", "Use --out instead.")
-    if args.out_dicom is not None and args.out_dicom.is_dir() and not args.overwrite \
-            and any(p.name.startswith("RTDOSE") for p in args.out_dicom.iterdir()):
-        raise DoseDiffError(f"{args.out_dicom} already holds an RTDOSE.", "Choose another folder or pass --overwrite.")
-    for path in (args.out, args.std_out):
-        if path is not None and path.exists() and not args.overwrite:
-            raise DoseDiffError(f"Output {path} already exists.", "Choose another path or pass --overwrite.")
+    if args.structures is not None and args.ct is None:
+        raise DoseDiffError("--structures is used only with --ct (DICOM and OpenKBP inputs bring their own).",
+                            "Drop --structures, or give the CT as --ct.")
+    if args.mapping is not None and args.openkbp is not None:
+        raise DoseDiffError("--mapping is not used with --openkbp (its ROI names are fixed).", "Drop --mapping.")
+    if args.series_uid is not None and args.dicom is None:
+        raise DoseDiffError("--series-uid is used only with --dicom.", "Drop --series-uid.")
+    if args.ct is not None and args.structures is None:
+        raise DoseDiffError("--ct needs --structures.", "Give a .seg.nrrd or a folder of masks.")
+    if args.std_out is not None and args.samples is not None and args.samples < 2:
+        raise DoseDiffError("--std-out needs at least two samples.", "Use --sampler ddim or add --samples 4.")
+    _exists(args.ct, "CT")
+    _exists(args.structures, "structures")
+    _exists(args.mapping, "mapping file")
+    _exists(args.dicom, "DICOM folder", folder=True)
+    _exists(args.openkbp, "OpenKBP folder", folder=True)
+    out_types = DOSE_SUFFIXES + ((".csv",) if args.openkbp is not None else ())
+    if args.out is not None:
+        check_output(args.out, args.overwrite, out_types, "--out")
+    if args.std_out is not None:
+        check_output(args.std_out, args.overwrite, DOSE_SUFFIXES, "--std-out")
+    if args.out_dicom is not None:
+        check_output_folder(args.out_dicom)
+        if args.out_dicom.is_dir() and not args.overwrite \
+                and any(p.name.startswith("RTDOSE") for p in args.out_dicom.iterdir()):
+            raise DoseDiffError(f"{args.out_dicom} already holds an RTDOSE.", "Choose another folder or pass --overwrite.")
+    _distinct({"--out": args.out, "--std-out": args.std_out},
+              {"--ct": args.ct, "--structures": args.structures, "--mapping": args.mapping, "--model": args.model})
 
 
-def cmd_predict(args) -> int:
+def _print_warnings(warnings: list[str]) -> None:
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
     from . import openkbp
     from .modelcard import load_model
     from .predict import predict_case, prepare_case, prepare_openkbp, resolve_sampler
@@ -86,10 +166,12 @@ def cmd_predict(args) -> int:
 
     if args.openkbp and not (args.openkbp / "ct.csv").exists():
         return _predict_openkbp_cohort(args)
-    _check_outputs(args)
+    _check_predict(args)
+    mapping = read_mapping(args.mapping) if args.mapping else None
     device = choose_device(args.device)
     model, cfg, card = load_model(args.model, device)
-    if args.std_out and resolve_sampler(cfg, **_sampler_args(args))[1].samples < 2:
+    _, sampler = resolve_sampler(cfg, **_sampler_args(args))  # refuses steps beyond the schedule
+    if args.std_out and sampler.samples < 2:
         raise DoseDiffError("--std-out needs at least two samples.", "Use --sampler ddim or add --samples 4.")
     if args.openkbp:
         patient = openkbp.read_patient(args.openkbp, with_dose=False)
@@ -98,19 +180,13 @@ def cmd_predict(args) -> int:
         from .dicomrt import read_dicom
 
         case = read_dicom(args.dicom, args.series_uid)
-        for w in case.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+        _print_warnings(case.warnings)
         if not case.structures:
             raise DoseDiffError(f"{args.dicom} has no RTSTRUCT.", "Export the structure set with the CT.")
-        mapping = read_mapping(args.mapping) if args.mapping else None
         inputs = prepare_case(case.ct, case.structures, cfg, mapping)
-    else:
-        if args.structures is None:
-            raise DoseDiffError("--ct needs --structures.", "Give a .seg.nrrd or a folder of masks.")
-        mapping = read_mapping(args.mapping) if args.mapping else None
-        inputs = prepare_case(read_volume(args.ct), read_structures(args.structures), cfg, mapping)
-    for w in inputs.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    else:  # the CT as given: the dose is written back on exactly its grid, oblique or not
+        inputs = prepare_case(read_volume(args.ct, reorient=False), read_structures(args.structures), cfg, mapping)
+    _print_warnings(inputs.warnings)
     bar, update = _progress_bar("Predicting dose")
     try:
         pred = predict_case(inputs, model, cfg, **_sampler_args(args), seed=args.seed,
@@ -134,7 +210,7 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _predict_openkbp_cohort(args) -> int:
+def _predict_openkbp_cohort(args: argparse.Namespace) -> int:
     """Every pt_N under a split folder -> OUT/pt_N.csv; existing files are kept (resumable)."""
     import time
 
@@ -148,14 +224,20 @@ def _predict_openkbp_cohort(args) -> int:
 
     if args.out is None:
         raise DoseDiffError("A split folder needs --out FOLDER for the pt_N.csv files.", "Add --out preds/.")
+    for flag, value in (("--structures", args.structures), ("--mapping", args.mapping), ("--std-out", args.std_out),
+                        ("--out-dicom", args.out_dicom), ("--series-uid", args.series_uid)):
+        if value is not None:
+            raise DoseDiffError(f"{flag} is not used with --openkbp.", f"Drop {flag}.")
     folders = openkbp.patient_folders(args.openkbp)
     if not folders:
         raise DoseDiffError(f"{args.openkbp} holds no OpenKBP patients.", "Point to a pt_N folder or a split folder.")
-    args.out.mkdir(parents=True, exist_ok=True)
+    check_output_folder(args.out)
     device = choose_device(args.device)
     model, cfg, _ = load_model(args.model, device)
+    resolve_sampler(cfg, **_sampler_args(args))  # refuses steps beyond the schedule
+    make_folder(args.out)
     timings_path = args.out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    timings = _read_timings(timings_path)
     for folder in tqdm(folders, desc="Patients", unit="patient"):
         out = args.out / f"{folder.name}.csv"
         if out.exists() and not args.overwrite:
@@ -170,21 +252,48 @@ def _predict_openkbp_cohort(args) -> int:
                                 "threads": torch.get_num_threads(), "sampler": pred.info["sampler"], "steps": pred.info["steps"],
                                 "samples": pred.info["samples"], "flip": pred.info["flip"],
                                 "slices": pred.info["slices_predicted"]}
-        timings_path.write_text(json.dumps(timings, indent=1))
+        text = json.dumps(timings, indent=1)
+        atomic_write(timings_path, lambda p: p.write_text(text), overwrite=True)
     return 0
 
 
-def cmd_evaluate(args) -> int:
+def _read_timings(path: Path) -> dict:
+    """The per-patient timings of a cohort prediction ({} when there are none)."""
+    if not path.is_file():
+        return {}
+    try:
+        timings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        timings = None
+    if not isinstance(timings, dict) or not all(isinstance(v, dict) and {"seconds", "slices"} <= set(v)
+                                                for v in timings.values()):
+        raise DoseDiffError(f"{path} is damaged.", "Delete it (the timings are measured again by predict).")
+    return timings
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .evaluate import evaluate_openkbp
 
+    timings: dict = {}
+    if args.update_card is not None:  # a bad card or timings file is refused before the evaluation, not after
+        from .modelcard import read_card
+
+        read_card(args.update_card)
+        timings = _read_timings(args.predictions / "timings.json") if args.predictions else {}
     if args.dicom is not None:
         from .evaluate import evaluate_dicom
         from .rois import read_mapping
 
+        if args.openkbp is not None or args.predictions is not None or args.update_card is not None:
+            raise DoseDiffError("--dicom is evaluated on its own (with --prediction).",
+                                "Drop --openkbp, --predictions and --update-card.")
         if args.prediction is None:
             raise DoseDiffError("--dicom needs --prediction (a dose image or RTDOSE file).", "Add --prediction FILE.")
+        _exists(args.dicom, "DICOM folder", folder=True)
+        _exists(args.prediction, "prediction")
+        _exists(args.mapping, "mapping file")
         mapping = read_mapping(args.mapping) if args.mapping else None
         overall = evaluate_dicom(args.dicom, args.prediction, args.out, args.series_uid, mapping,
                                  gamma=not args.no_gamma, overwrite=args.overwrite)
@@ -193,17 +302,27 @@ def cmd_evaluate(args) -> int:
     if args.openkbp is None or args.predictions is None:
         raise DoseDiffError("evaluate needs --openkbp and --predictions, or --dicom and --prediction.",
                             "See dosediff evaluate --help.")
-    bar = tqdm(desc="Evaluating", unit="patient")
-    overall = evaluate_openkbp(args.openkbp, args.predictions, args.out, gamma=not args.no_gamma,
-                               plots=not args.no_plots, overwrite=args.overwrite, progress=lambda _p: bar.update())
-    bar.close()
+    for flag, value in (("--prediction", args.prediction), ("--mapping", args.mapping),
+                        ("--series-uid", args.series_uid)):
+        if value is not None:
+            raise DoseDiffError(f"{flag} is used only with --dicom.", f"Drop {flag}.")
+    bars = []  # started with the first patient: a refusal before it prints nothing but its line
+
+    def progress(_pid: str) -> None:
+        if not bars:
+            bars.append(tqdm(desc="Evaluating", unit="patient"))
+        bars[0].update()
+    try:
+        overall = evaluate_openkbp(args.openkbp, args.predictions, args.out, gamma=not args.no_gamma,
+                                   plots=not args.no_plots, overwrite=args.overwrite, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     brief = {k: v for k, v in overall.items() if k != "dvh_error_per_roi"}
     print(json.dumps(brief, indent=1))
     if args.update_card:
         from .modelcard import update_card
 
-        timing_file = args.predictions / "timings.json"
-        timings = json.loads(timing_file.read_text()) if timing_file.exists() else {}
         measured = {"validation": {
             "data": f"OpenKBP {args.openkbp.name} ({overall['patients']} patients)", **brief,
             "dvh_error_per_roi": overall["dvh_error_per_roi"],
@@ -213,7 +332,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on an embedded case: phantom (default) or one OpenKBP patient."""
     from . import openkbp
     from .evaluate import evaluate_patient, plan_summary
@@ -225,13 +344,13 @@ def cmd_demo(args) -> int:
     from .volume import write_segmentation, write_volume
 
     out = args.out
-    targets = [out / n for n in ("dose.nrrd", "dvh.png", "dose_overlay.png")]
-    clash = [t for t in targets if t.exists()]
-    if clash and not args.overwrite:
-        raise DoseDiffError(f"{clash[0]} already exists.", "Choose another --out folder or pass --overwrite.")
-    out.mkdir(parents=True, exist_ok=True)
+    _exists(args.openkbp, "OpenKBP patient folder", folder=True)
+    inputs_written = (f"{args.openkbp.name}.csv",) if args.openkbp else ("ct.nrrd", "structures.seg.nrrd")
+    names = ("dose.nrrd", "dvh.png", "dose_overlay.png") + inputs_written
+    check_output_folder(out, names, args.overwrite)  # nothing of the user's is replaced without --overwrite
     device = choose_device(args.device)
     model, cfg, card = load_model(args.model, device)
+    resolve_sampler(cfg, **_sampler_args(args))  # refuses steps beyond the schedule
     reference = None
     if args.openkbp:
         patient = openkbp.read_patient(args.openkbp)
@@ -240,24 +359,25 @@ def cmd_demo(args) -> int:
         title = f"OpenKBP {patient.pid}"
     else:
         ct, masks = head_and_neck()
-        write_volume(ct, out / "ct.nrrd", overwrite=True)
-        write_segmentation(masks, out / "structures.seg.nrrd", overwrite=True)
         inputs = prepare_case(ct, masks, cfg)
         title = "synthetic head-and-neck phantom"
-    for w in inputs.warnings:
-        print(f"warning: {w}", file=sys.stderr)
+    _print_warnings(inputs.warnings)
     bar, update = _progress_bar("Predicting dose")
     try:
         pred = predict_case(inputs, model, cfg, **_sampler_args(args), seed=args.seed, device=device,
                             progress=update)
     finally:
         bar.close()
+    make_folder(out)
+    if not args.openkbp:
+        write_volume(ct, out / "ct.nrrd", overwrite=args.overwrite)
+        write_segmentation(masks, out / "structures.seg.nrrd", overwrite=args.overwrite)
     write_volume(pred.dose, out / "dose.nrrd", overwrite=args.overwrite)
     roi_masks = {k: v.array for k, v in masks.items() if k != "BODY"}
     ref_arr = reference.array if reference is not None else None
-    dvh_comparison(ref_arr, pred.dose.array, roi_masks, out / "dvh.png", f"DVH, {title}")
+    dvh_comparison(ref_arr, pred.dose.array, roi_masks, out / "dvh.png", f"DVH, {title}", overwrite=args.overwrite)
     dose_overlay(ct.array, pred.dose.array, roi_masks, ct.spacing, out / "dose_overlay.png",
-                 f"DoseDiff predicted dose, {title} (research and planning guidance only)")
+                 f"DoseDiff predicted dose, {title} (research and planning guidance only)", overwrite=args.overwrite)
     print(f"DoseDiff {card['name']} on the {title}: {pred.info['slices_predicted']} slices, "
           f"{pred.info['seconds_sampling']:.1f} s sampling ({pred.info['steps']} DDIM step{'s' if pred.info['steps'] != 1 else ''}) on {pred.info['device']} "
           f"(seed {pred.info['seed']})")
@@ -269,8 +389,8 @@ def cmd_demo(args) -> int:
                              patient.possible_dose.array, ct.spacing, gamma=False)
         print(f"  against the clinical plan: dose score {e.scores['dose_score']:.2f} Gy, "
               f"DVH score {e.scores['dvh_score']:.2f} Gy, MAE in body {e.scores['mae_body']:.2f} Gy")
-        openkbp.write_dose_csv(pred.dose, out / f"{patient.pid}.csv", overwrite=True)
-    print(f"wrote {', '.join(str(t) for t in targets)}")
+        openkbp.write_dose_csv(pred.dose, out / f"{patient.pid}.csv", overwrite=args.overwrite)
+    print(f"wrote {', '.join(str(out / n) for n in names)}")
     return 0
 
 
@@ -283,13 +403,15 @@ def _timing_summary(timings: dict) -> dict:
             **{k: rows[0][k] for k in ("device", "threads", "sampler", "steps", "samples", "flip")}}
 
 
-def cmd_init_model(args) -> int:
+def cmd_init_model(args: argparse.Namespace) -> int:
     import torch
 
     from .config import ModelConfig
     from .mmfnet import MMFNet
     from .modelcard import save_model
 
+    check_output(args.out, args.overwrite, (".json",), "--out")
+    check_output(args.out.with_suffix(".safetensors"), args.overwrite, (), "Weights file")
     torch.manual_seed(args.seed)
     cfg = ModelConfig.preset(args.preset)
     model = MMFNet(cfg.net)
@@ -299,8 +421,17 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (argparse prints the usage block and exits by itself)."""
+
+    def error(self, message: str) -> NoReturn:
+        raise DoseDiffError(f"{self.prog}: {message}.", f"See {self.prog} --help.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from .config import PRESETS
+
+    parser = _Parser(
         prog="dosediff",
         description="DoseDiff dose prediction. For research and planning guidance only: not a treatment "
                     "planning system dose calculation.")
@@ -308,9 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_predict(sub)
     p = sub.add_parser("init-model", help="write a randomly initialised model and its card")
-    p.add_argument("--preset", default="tiny", help="paper | small | tiny | test")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="paper | small | tiny | test")
     p.add_argument("--out", type=Path, required=True, help="card path (.json)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--fp32", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("demo", help="the main job on an embedded phantom (or --openkbp pt_N) with the bundled model")
@@ -318,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--openkbp", type=Path, help="run on this OpenKBP patient instead, and score it")
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
     _add_sampler(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("evaluate", help="OpenKBP dose/DVH scores and more against the clinical plans")
@@ -351,69 +482,158 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_prepare(args) -> int:
+def cmd_prepare(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from . import openkbp
     from .config import ModelConfig
     from .prepare import prepare
 
     if bool(args.split) == bool(args.pack):
         raise DoseDiffError("Give either --split NAME=FOLDER (repeatable) or --pack FILE.",
                             "E.g. --split train=data/train-pats --split validation=data/validation-pats.")
-    splits = {name: folder for name, (folder, _) in _splits(args.split or []).items()}
+    splits: dict[str, Path] = {}
+    for name, (folder, count) in _splits(args.split or []).items():
+        if count is not None:
+            raise DoseDiffError(f"--split {name}={folder}:{count}: a patient count is for dosediff pack.",
+                                "Prepare whole split folders.")
+        if not openkbp.patient_folders(folder):
+            raise DoseDiffError(f"--split {name}: {folder} holds no OpenKBP patients (pt_N folders with ct.csv).",
+                                "Point to a split folder such as data/train-pats.")
+        splits[name] = folder
+    if args.pack is not None and not args.pack.is_file():
+        raise DoseDiffError(f"The pack {args.pack} does not exist.", "Write one with dosediff pack.")
+    no_dose = [p.name for f in splits.values() for p in openkbp.patient_folders(f) if not (p / "dose.csv").is_file()]
+    if no_dose:
+        raise DoseDiffError(f"{len(no_dose)} patient(s) have no dose.csv ({', '.join(no_dose[:3])}); training "
+                            "needs the clinical dose.", "Prepare only the train and validation splits.")
+    if args.workers < 1:
+        raise DoseDiffError(f"--workers {args.workers} is not a number of processes.", "Give 1 or more.")
+    make_folder(args.cache)
     bar = tqdm(desc="Caching patients", unit="patient")
-    prepare(splits, args.cache, ModelConfig(), progress=lambda _m: bar.update(), pack=args.pack,
-            workers=max(1, args.workers))
-    bar.close()
+    try:
+        prepare(splits, args.cache, ModelConfig(), progress=lambda _m: bar.update(), pack=args.pack,
+                workers=args.workers)
+    finally:
+        bar.close()
     return 0
 
 
 def _splits(items: list[str]) -> dict[str, tuple[Path, int | None]]:
     """NAME=FOLDER[:N] arguments."""
-    out = {}
+    out: dict[str, tuple[Path, int | None]] = {}
     for item in items:
         name, _, rest = item.partition("=")
         folder, _, count = rest.partition(":")
         if not name or not folder or (count and not count.isdigit()):
             raise DoseDiffError(f"--split {item!r} is not NAME=FOLDER or NAME=FOLDER:N.",
                                 "Write e.g. --split train=data/train-pats.")
+        if name in out:
+            raise DoseDiffError(f"--split {name} is given twice.", "Give each split once.")
         out[name] = (Path(folder), int(count) if count else None)
     return out
 
 
-def cmd_pack(args) -> int:
+def cmd_pack(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from . import openkbp
     from .prepare import pack_openkbp
 
     splits = _splits(args.split)
+    for name, (folder, _) in splits.items():
+        if not openkbp.patient_folders(folder):
+            raise DoseDiffError(f"--split {name}: {folder} holds no OpenKBP patients (pt_N folders with ct.csv).",
+                                "Point to a split folder such as data/train-pats.")
+    check_output(args.out, args.overwrite, (".xz",), "Pack")
     bar = tqdm(desc="Packing patients", unit="patient")
-    out = pack_openkbp({k: f for k, (f, _) in splits.items()}, args.out,
-                       {k: n for k, (_, n) in splits.items() if n}, progress=lambda _m: bar.update(),
-                       overwrite=args.overwrite)
-    bar.close()
+    try:
+        out = pack_openkbp({k: f for k, (f, _) in splits.items()}, args.out,
+                           {k: n for k, (_, n) in splits.items() if n}, progress=lambda _m: bar.update(),
+                           overwrite=args.overwrite)
+    finally:
+        bar.close()
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
     return 0
 
 
-def cmd_train(args) -> int:
+# Settings whose legal range is known here; any other number must merely be finite and,
+# if whole, not negative. (lo, hi, lo_open, hi_open) for numbers; a tuple of names for words.
+_TRAIN_LIMITS: dict[str, tuple] = {
+    "steps": (1, None), "batch_size": (1, None), "val_patients": (1, None), "checkpoint_every": (1, None),
+    "context": (0, 8), "dvh_weight": (0, None), "max_seconds": (0, None), "lr": (0, None, True),
+    "weight_decay": (0, None), "decay_at": (0, 1),
+    "grad_clip": (0, None, True), "ema_decay": (0, 1, False, True), "aug_p": (0, 1), "zoom": (0, 1, False, True),
+    "shift": (0, 1), "max_rotation_deg": (0, 180), "outside_weight": (0, None), "last_step_fraction": (0, 1),
+    "prediction": ("epsilon", "x0", "v"), "loss": ("mse", "l1"), "sampler": ("regression", "ddim"),
+}
+
+
+def _setting(key: str, text: str, default: object) -> object:
+    """One --set value, parsed as the type of its default and checked against its range."""
+    kind = type(default)
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            value = text.lower() in ("true", "1", "yes")
+        else:
+            value = kind(text)
+    except ValueError:
+        raise DoseDiffError(f"--set {key}={text!r} is not a valid {kind.__name__}.",
+                            f"Give a {kind.__name__} such as {key}={default!r}.") from None
+    limits = _TRAIN_LIMITS.get(key)
+    if isinstance(value, str):
+        if key == "preset":
+            from .config import PRESETS
+
+            limits = tuple(PRESETS)
+        if limits and value not in limits:
+            raise DoseDiffError(f"--set {key}={value!r} is not one of {', '.join(limits)}.", "Use one of them.")
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        raise DoseDiffError(f"--set {key}={text} is not a finite number.", f"Give a number such as {default!r}.")
+    lo, hi, lo_open, hi_open = (tuple(limits) + (False, False))[:4] if limits else (0, None, False, False)
+    if (value < lo or (lo_open and value == lo)) or (hi is not None and (value > hi or (hi_open and value == hi))):
+        span = f"{'(' if lo_open else '['}{lo}, {'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}"
+        raise DoseDiffError(f"--set {key}={text} is outside {span}.", f"Give a value in {span}.")
+    return value
+
+
+def _train_settings(items: list[str]) -> "TrainConfig":
     import dataclasses
 
+    from .train import TrainConfig
+
+    defaults = TrainConfig()
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    overrides = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise DoseDiffError(f"--set {item!r} is not KEY=VALUE.", "Write e.g. --set steps=20000.")
+        if key not in known:
+            raise DoseDiffError(f"Unknown training setting {key!r}.", f"Known: {', '.join(known)}.")
+        overrides[key] = _setting(key, text.strip(), getattr(defaults, key))
+    if overrides.get("init"):
+        from .modelcard import read_card
+
+        read_card(overrides["init"])
+    return TrainConfig(**overrides)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     import torch
     import torch.distributed as dist
 
+    from .prepare import check_cache
     from .runtime import choose_device
-    from .train import TrainConfig, train
+    from .train import train
 
-    overrides = {}
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        if key not in fields:
-            raise DoseDiffError(f"Unknown training setting {key!r}.", f"Known: {', '.join(fields)}.")
-        default = getattr(TrainConfig(), key)
-        overrides[key] = type(default)(value)
-    tcfg = TrainConfig(**overrides)
+    tcfg = _train_settings(args.set or [])
+    check_cache(args.cache)
+    make_folder(args.run)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = choose_device(args.device)
     if world > 1:
@@ -427,6 +647,14 @@ def cmd_train(args) -> int:
     finally:
         if world > 1:
             dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 validates and exports
+        return 0
+    if not card.exists() and tcfg.val_every == 0:
+        print(f"no validation (val_every=0), so no best model: the weights are in {args.run / 'checkpoint.pt'}")
+        return 0
+    if not card.exists():
+        raise DoseDiffError(f"Training ended without a best model: {card} was never written (no validation "
+                            "produced a finite score).", "Check the run's log.jsonl.")
     print(f"best model: {card}")
     return 0
 
@@ -434,16 +662,81 @@ def cmd_train(args) -> int:
 COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "pack": cmd_pack,
             "train": cmd_train,
             "evaluate": cmd_evaluate, "demo": cmd_demo}
+# these write one result each: a failure removes what they had written (cohort prediction,
+# prepare and train are resumable: they keep their finished files, only empty folders go)
+ALL_OR_NOTHING = ("init-model", "evaluate", "demo")
+
+
+def _writes_one_result(args: argparse.Namespace) -> bool:
+    if args.command == "predict":
+        return args.openkbp is None or (args.openkbp / "ct.csv").exists()
+    return args.command in ALL_OR_NOTHING
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _crash_report(exc: BaseException) -> str:
+    """Write the full trace of an unexpected error to a file; returns where (or why not)."""
+    import tempfile
+    import time
+    import traceback
+
+    trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    path = Path(tempfile.gettempdir()) / f"dosediff-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        atomic_write(path, lambda p: p.write_text(f"dosediff {' '.join(sys.argv[1:])}\n\n{trace}"))
+    except (OSError, DoseDiffError) as err:
+        return f"the trace could not be saved ({err})"
+    return f"full trace in {path}"
+
+
+def _on_sigterm(_signum, _frame) -> None:
+    raise KeyboardInterrupt("terminated")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s: %(message)s")
+    """Every failure ends in one line on stderr and exit code 2."""
     try:
-        return COMMANDS[args.command](args)
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
     except DoseDiffError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR, format="%(levelname)s: %(message)s")
+    handler = None
+    if threading.current_thread() is threading.main_thread():  # killed runs clean up like Ctrl-C
+        handler = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with all_or_nothing(keep_files=not _writes_one_result(args)):
+            return COMMANDS[args.command](args)
+    except DoseDiffError as exc:
+        message = str(exc)
+    except (KeyboardInterrupt, Cancelled):
+        message = ("Interrupted; the files this run had started were removed (finished work of a cohort "
+                   "prediction, prepare or train is kept).")
+    except MemoryError:
+        message = "Out of memory. Fix: pass a smaller --batch-size, or use a machine with more memory."
+    except OSError as exc:  # the machine's doing (permissions, a full disk, a vanished file), not a bug
+        where = f"{exc.filename}: " if exc.filename else ""
+        message = (f"Cannot access {where}{exc.strerror or exc}. Fix: check the path, its permissions and the "
+                   "free disk space.")
+    except ImportError as exc:
+        message = (f"A required package is missing ({exc}). Fix: install DoseDiff with its dependencies "
+                   "(pip install -e . or make install).")
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, the trace in a file
+        if type(exc).__name__ == "OutOfMemoryError":
+            message = f"The GPU ran out of memory ({_one_line(exc)[:120]}). Fix: pass a smaller --batch-size."
+        else:
+            message = (f"Unexpected {type(exc).__name__}: {_one_line(exc)[:200]} (a bug in DoseDiff; "
+                       f"{_crash_report(exc)}; please report it).")
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

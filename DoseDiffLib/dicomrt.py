@@ -8,21 +8,24 @@ Gy on the CT grid that keeps the CT's patient, study and frame of reference.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from . import __version__
 from .errors import DoseDiffError, warn
-from .volume import Volume, atomic_write, resample
+from .volume import Volume, atomic_write, make_folder, resample
 
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -44,10 +47,66 @@ class DicomCase:
     warnings: list[str] = field(default_factory=list)
 
 
-def _read(path: Path, headers_only: bool) -> Dataset | None:
-    """A dataset, None for a non-DICOM file; malformed DICOM becomes one clear error."""
+@contextlib.contextmanager
+def _damaged(path: Path, what: str) -> Iterator[None]:
+    """A malformed header surfaces as any Python error deep in the reading (a missing
+    attribute, a value of the wrong length or type); each becomes one message naming the file."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=headers_only)
+        yield
+    except DoseDiffError:
+        raise
+    except (AttributeError, KeyError, IndexError, ValueError, TypeError, OverflowError, ZeroDivisionError,
+            np.linalg.LinAlgError) as exc:
+        raise DoseDiffError(f"{what} {path} has a missing or malformed attribute "
+                            f"({type(exc).__name__}: {str(exc)[:120]}).",
+                            "Export it again from the planning system.") from None
+
+
+def _numbers(ds: Dataset, keyword: str, count: int | None, path: Path) -> np.ndarray:
+    """A numeric (multi-)value as floats, refused when missing, of the wrong length or not finite."""
+    value = ds.get(keyword)
+    try:
+        items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+        arr = np.asarray([float(v) for v in items], float)
+    except (TypeError, ValueError):
+        arr = np.full(0, np.nan)
+    if value is None or arr.size == 0 or (count is not None and arr.size != count) or not np.isfinite(arr).all():
+        raise DoseDiffError(f"{path}: {keyword} is missing or malformed ({str(value)[:60]!r}).",
+                            "Export the file again from the planning system.")
+    return arr
+
+
+def _orientation(ds: Dataset, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Row and column direction cosines and the slice normal, checked to be a rotation."""
+    iop = _numbers(ds, "ImageOrientationPatient", 6, path)
+    row, col = iop[:3], iop[3:]
+    if not (np.isclose(np.linalg.norm(row), 1, atol=1e-3) and np.isclose(np.linalg.norm(col), 1, atol=1e-3)
+            and abs(np.dot(row, col)) < 1e-3):
+        raise DoseDiffError(f"{path}: ImageOrientationPatient {iop.tolist()} is not two perpendicular unit vectors.",
+                            "Export the file again from the planning system.")
+    return row, col, np.cross(row, col)
+
+
+def _spacing(ds: Dataset, path: Path) -> tuple[float, float]:
+    """PixelSpacing as (between rows, between columns), both positive."""
+    row_sp, col_sp = _numbers(ds, "PixelSpacing", 2, path)
+    if row_sp <= 0 or col_sp <= 0:
+        raise DoseDiffError(f"{path}: PixelSpacing {[float(row_sp), float(col_sp)]} is not positive.",
+                            "Export the file again from the planning system.")
+    return float(row_sp), float(col_sp)
+
+
+def _read(path: Path, headers_only: bool) -> Dataset | None:
+    """A dataset, None for a non-DICOM file; malformed DICOM becomes one clear error.
+
+    Every element is decoded here, so a damaged value fails now, with the file's name,
+    rather than later wherever it is first used.
+    """
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=headers_only)
+        for _ in ds.iterall():
+            pass
+        return ds
     except InvalidDicomError:
         pass
     except Exception as exc:  # pydicom raises many types on malformed files
@@ -55,9 +114,17 @@ def _read(path: Path, headers_only: bool) -> Dataset | None:
                             "Remove it from the folder or export it again.") from None
     try:  # older exports omit the preamble; accept them only if they parse as a SOP instance
         ds = pydicom.dcmread(path, stop_before_pixels=headers_only, force=True)
-        return ds if "SOPClassUID" in ds and "SOPInstanceUID" in ds else None
+        if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
+            return None
     except Exception:
         return None
+    try:
+        for _ in ds.iterall():
+            pass
+    except Exception as exc:
+        raise DoseDiffError(f"{path} is a damaged DICOM file ({type(exc).__name__}: {str(exc)[:120]}).",
+                            "Remove it from the folder or export it again.") from None
+    return ds
 
 
 def _scan(folder: Path, warnings: list[str]) -> list[tuple[Path, Dataset]]:
@@ -65,10 +132,13 @@ def _scan(folder: Path, warnings: list[str]) -> list[tuple[Path, Dataset]]:
         raise DoseDiffError(f"DICOM folder {folder} not found.", "Give the folder exported from the planning system.")
     found, skipped = [], 0
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        with open(f, "rb") as fh:
-            has_preamble = fh.read(132)[128:] == b"DICM"
+        try:
+            with open(f, "rb") as fh:
+                has_preamble = fh.read(132)[128:] == b"DICM"
+        except OSError as exc:
+            raise DoseDiffError(f"Cannot read {f} ({exc.strerror}).", "Check the file's permissions.") from None
         ds = _read(f, headers_only=True)
-        if ds is None or "SOPClassUID" not in ds:
+        if ds is None or not isinstance(ds.get("SOPClassUID"), str):
             if has_preamble:  # claims to be DICOM but is cut short or broken
                 raise DoseDiffError(f"{f} is a damaged DICOM file (truncated or without a SOP class).",
                                     "Remove it from the folder or export it again.")
@@ -80,34 +150,46 @@ def _scan(folder: Path, warnings: list[str]) -> list[tuple[Path, Dataset]]:
     return found
 
 
-def _normal(ds: Dataset) -> np.ndarray:
-    iop = np.asarray(ds.ImageOrientationPatient, float)
-    return np.cross(iop[:3], iop[3:])
-
-
 def _pixels(path: Path, ds: Dataset) -> np.ndarray:
-    full = pydicom.dcmread(path)
+    """The pixel array; a damaged file is told apart from a missing decoder."""
+    full = _read(path, headers_only=False)
+    if full is None or "PixelData" not in full:
+        raise DoseDiffError(f"{path} has no pixel data.", "Export the file again; check the copy finished.")
+    syntax = full.file_meta.get("TransferSyntaxUID")
     try:
         return full.pixel_array
     except Exception as exc:
-        ts = str(full.file_meta.get("TransferSyntaxUID", "unknown"))
-        name = getattr(full.file_meta.get("TransferSyntaxUID"), "name", ts)
-        raise DoseDiffError(f"Cannot decode the pixel data of {path} (transfer syntax {name}): {str(exc)[:100]}.",
+        if syntax is None or not getattr(syntax, "is_compressed", False):
+            frames = int(full.get("NumberOfFrames", 1) or 1)
+            expected = int(full.get("Rows", 0)) * int(full.get("Columns", 0)) * frames * \
+                int(full.get("BitsAllocated", 0)) // 8 * int(full.get("SamplesPerPixel", 1))
+            raise DoseDiffError(f"The pixel data of {path} is truncated or does not match its header (expected "
+                                f"{expected} bytes, found {len(full.PixelData)}).",
+                                "Export the file again; check the copy finished.") from None
+        raise DoseDiffError(f"Cannot decode the pixel data of {path} (transfer syntax {syntax.name}): "
+                            f"{str(exc)[:100]}.",
                             f"Install a decoder: {DECODERS_HINT}; or export uncompressed.") from None
 
 
 def _ct_volume(files: list[tuple[Path, Dataset]], warnings: list[str]) -> tuple[Volume, list[Dataset]]:
-    first = files[0][1]
-    n = _normal(first)
-    for _, ds in files:
-        if not np.allclose(np.asarray(ds.ImageOrientationPatient, float), first.ImageOrientationPatient, atol=1e-4):
+    first_path, first = files[0]
+    row, col, n = _orientation(first, first_path)
+    ipp = {}
+    for path, ds in files:
+        if not np.allclose(np.concatenate(_orientation(ds, path)[:2]), np.concatenate([row, col]), atol=1e-4):
             raise DoseDiffError("The CT series mixes slice orientations.", "Export a single, consistent CT series.")
-    pos = np.array([np.dot(np.asarray(ds.ImagePositionPatient, float), n) for _, ds in files])
+        if (ds.get("Rows"), ds.get("Columns")) != (first.get("Rows"), first.get("Columns")):
+            raise DoseDiffError(f"CT slices differ in size ({path} is {ds.get('Rows')} x {ds.get('Columns')}, "
+                                f"{first_path} {first.get('Rows')} x {first.get('Columns')}).",
+                                "Export a single, consistent CT series.")
+        ipp[path] = _numbers(ds, "ImagePositionPatient", 3, path)
+    pos = np.array([np.dot(ipp[path], n) for path, _ in files])
     order = np.argsort(pos, kind="stable")
     files = [files[i] for i in order]
     pos = pos[order]
     if len(files) < 2:
         raise DoseDiffError("The CT series has fewer than two slices.", "Export the whole planning CT.")
+    _refuse_gantry_tilt(np.array([ipp[path] for path, _ in files]), n)
     gaps = np.diff(pos)
     if (gaps < 1e-3).any():
         raise DoseDiffError("Two CT slices share one position (duplicate or mixed series).",
@@ -123,15 +205,29 @@ def _ct_volume(files: list[tuple[Path, Dataset]], warnings: list[str]) -> tuple[
         a = _pixels(path, ds).astype(np.float32)
         arrays.append(a * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0)))
     arr = np.stack(arrays)
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)  # between rows (y), between columns (x)
-    iop = np.asarray(first.ImageOrientationPatient, float)
-    direction = np.stack([iop[:3], iop[3:], n], axis=1)  # columns: i, j, k axes
-    origin = np.asarray(files[0][1].ImagePositionPatient, float)
+    row_spacing, col_spacing = _spacing(first, first_path)  # between rows (y), between columns (x)
+    direction = np.stack([row, col, n], axis=1)  # columns: i, j, k axes
+    origin = ipp[files[0][0]]
     vol = Volume(arr, (col_spacing, row_spacing, step), tuple(origin), tuple(direction.ravel()))
     if gaps.max() - gaps.min() > 0.01 * step:
         warn(warnings, f"CT slice spacing varies ({gaps.min():.2f}-{gaps.max():.2f} mm); resampled to {step:.2f} mm.")
         vol = _uniform_slices(arr, pos, vol)
     return vol, [ds for _, ds in files]
+
+
+def _refuse_gantry_tilt(positions: np.ndarray, normal: np.ndarray) -> None:
+    """Slices that step sideways as well as along the normal come from a tilted gantry:
+    stacking them as a box would shear the anatomy by the offset (tens of mm)."""
+    steps = positions - positions[0]
+    sideways = steps - np.outer(steps @ normal, normal)
+    shift = float(np.linalg.norm(sideways, axis=1).max())
+    if shift > 0.1:
+        along = float(abs(steps[-1] @ normal)) or 1.0
+        angle = np.degrees(np.arctan2(float(np.linalg.norm(sideways[-1])), along))
+        raise DoseDiffError(f"The CT was acquired with a gantry tilt of {angle:.1f} degrees: slices are "
+                            f"offset sideways by up to {shift:.1f} mm, so the volume would be sheared.",
+                            "Resample the series to an axial grid first (Slicer's DICOM import with acquisition "
+                            "geometry regularization, then save as NRRD and use --ct).")
 
 
 def _uniform_slices(arr: np.ndarray, pos: np.ndarray, vol: Volume) -> Volume:
@@ -174,17 +270,33 @@ def _rasterise_slice(polys: list[np.ndarray], shape_yx: tuple[int, int], supersa
     return out
 
 
-def rtstruct_contours(ds: Dataset) -> dict[str, list[np.ndarray]]:
-    """ROI name -> closed planar contours, each an (N, 3) array of LPS mm."""
+def rtstruct_contours(ds: Dataset, warnings: list[str] | None = None) -> dict[str, list[np.ndarray]]:
+    """ROI name -> closed planar contours, each an (N, 3) array of LPS mm.
+
+    Contour data that is not x, y, z triples of finite numbers is refused (it would be
+    read as other points); contours of fewer than three points enclose nothing and are
+    dropped with a warning.
+    """
     names = {int(r.ROINumber): str(r.ROIName) for r in getattr(ds, "StructureSetROISequence", [])}
     contours = {int(c.ReferencedROINumber): c for c in getattr(ds, "ROIContourSequence", [])}
     out: dict[str, list[np.ndarray]] = {}
     for number, name in names.items():
         item = contours.get(number)
-        polys = []
+        polys, dropped = [], 0
         for c in getattr(item, "ContourSequence", None) or []:
-            if str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR")) in ("CLOSED_PLANAR", "CLOSEDPLANAR"):
-                polys.append(np.asarray(c.ContourData, float).reshape(-1, 3))
+            if str(getattr(c, "ContourGeometricType", "CLOSED_PLANAR")) not in ("CLOSED_PLANAR", "CLOSEDPLANAR"):
+                continue
+            data = c.get("ContourData")
+            values = np.asarray(list(data) if isinstance(data, (list, MultiValue)) else [data] if data else [], float)
+            if values.size % 3 or not np.isfinite(values).all():
+                raise DoseDiffError(f"ROI {name!r} has a malformed contour ({values.size} values, not x, y, z "
+                                    "triples of finite numbers).", "Export the structure set again.")
+            if values.size < 9:
+                dropped += 1
+                continue
+            polys.append(values.reshape(-1, 3))
+        if dropped and warnings is not None:
+            warn(warnings, f"ROI {name!r}: {dropped} contour(s) of fewer than three points dropped.")
         out[name] = polys
     return out
 
@@ -194,7 +306,7 @@ def _structures(ds: Dataset, ct: Volume, warnings: list[str]) -> dict[str, Volum
     inv = np.linalg.inv(grid.matrix())
     out = {}
     nz, ny, nx = grid.shape
-    for name, polys in rtstruct_contours(ds).items():
+    for name, polys in rtstruct_contours(ds, warnings).items():
         if not polys:
             warn(warnings, f"ROI {name!r} has no contours; it is left empty.")
             out[name] = Volume.on_grid(np.zeros(grid.shape, np.uint8), grid)
@@ -227,13 +339,16 @@ def _dose_volume(path: Path, ds: Dataset, warnings: list[str]) -> Volume:
                             "cannot be compared).", "Export the plan dose in absolute Gy.")
     if "DoseGridScaling" not in ds or not str(ds.DoseGridScaling).strip():
         raise DoseDiffError(f"RTDOSE {path.name} has no DoseGridScaling.", "Export it again from the planning system.")
-    arr = _pixels(path, ds).astype(np.float64) * float(ds.DoseGridScaling)
+    scaling = float(_numbers(ds, "DoseGridScaling", 1, path)[0])
+    arr = _pixels(path, ds).astype(np.float64) * scaling
     if arr.ndim == 2:
         arr = arr[None]
-    iop = np.asarray(ds.ImageOrientationPatient, float)
-    n = np.cross(iop[:3], iop[3:])
-    ipp = np.asarray(ds.ImagePositionPatient, float)
-    offsets = np.asarray(ds.GridFrameOffsetVector, float) if "GridFrameOffsetVector" in ds else np.zeros(1)
+    row, col, n = _orientation(ds, path)
+    ipp = _numbers(ds, "ImagePositionPatient", 3, path)
+    offsets = _numbers(ds, "GridFrameOffsetVector", None, path) if "GridFrameOffsetVector" in ds else np.zeros(1)
+    if len(offsets) != arr.shape[0]:
+        raise DoseDiffError(f"RTDOSE {path.name} has {arr.shape[0]} frames but {len(offsets)} frame offsets.",
+                            "Export the dose again.")
     if len(offsets) > 1 and abs(offsets[0]) > 1e-3:
         if abs(offsets[0] - np.dot(ipp, n)) > 1e-2:
             raise DoseDiffError(f"RTDOSE {path.name}: GridFrameOffsetVector starts at {offsets[0]} mm, neither 0 "
@@ -249,9 +364,13 @@ def _dose_volume(path: Path, ds: Dataset, warnings: list[str]) -> Volume:
             raise DoseDiffError(f"RTDOSE {path.name} has non-uniform frame spacing.", "Export it on a regular grid.")
     else:
         step = 1.0
-    row_sp, col_sp = (float(v) for v in ds.PixelSpacing)
-    direction = np.stack([iop[:3], iop[3:], n], axis=1)
-    return Volume(arr.astype(np.float32), (col_sp, row_sp, abs(step)), tuple(ipp), tuple(direction.ravel()))
+    if abs(step) < 1e-6:
+        raise DoseDiffError(f"RTDOSE {path.name}: its frames share one position.", "Export the dose again.")
+    row_sp, col_sp = _spacing(ds, path)
+    direction = np.stack([row, col, n], axis=1)
+    vol = Volume(arr.astype(np.float32), (col_sp, row_sp, abs(step)), tuple(ipp), tuple(direction.ravel()))
+    vol.meta = {k: str(ds.get(k, "")) for k in ("PatientID", "FrameOfReferenceUID", "StudyInstanceUID")}
+    return vol
 
 
 def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> DicomCase:
@@ -262,7 +381,7 @@ def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> Dico
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for f, ds in files:
         if ds.SOPClassUID == CT_IMAGE:
-            series.setdefault(str(ds.SeriesInstanceUID), []).append((f, ds))
+            series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
     if not series:
         raise DoseDiffError(f"No CT images in {folder}.", "Give the folder exported with the planning CT.")
     if series_uid is None and len(series) > 1:
@@ -273,8 +392,10 @@ def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> Dico
     uid = series_uid or next(iter(series))
     if uid not in series:
         raise DoseDiffError(f"No CT series {uid} in {folder}.", f"Known series: {', '.join(series)}.")
-    ct, headers = _ct_volume(series[uid], warnings)
-    for_uid = str(headers[0].FrameOfReferenceUID)
+    with _damaged(folder, "The CT series in"):
+        ct, headers = _ct_volume(series[uid], warnings)
+    for_uid = str(headers[0].get("FrameOfReferenceUID", ""))
+    patient = str(headers[0].get("PatientID", ""))
     structs = [(f, ds) for f, ds in files if ds.SOPClassUID == RT_STRUCT]
     doses = [(f, ds) for f, ds in files if ds.SOPClassUID == RT_DOSE]
     plans = [ds for _, ds in files if ds.SOPClassUID == RT_PLAN]
@@ -284,27 +405,44 @@ def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> Dico
             warn(warnings, f"{len(structs)} RTSTRUCTs found; using {structs[0][0].name}.")
         f, _ = structs[0]
         ds = _read(f, headers_only=False)
-        ref_for = {str(r.FrameOfReferenceUID) for r in getattr(ds, "ReferencedFrameOfReferenceSequence", [])}
-        ref_for |= {str(r.ReferencedFrameOfReferenceUID) for r in getattr(ds, "StructureSetROISequence", [])
+        _same_patient(ds, patient, f, "RTSTRUCT")
+        ref_for = {str(r.get("FrameOfReferenceUID", "")) for r in ds.get("ReferencedFrameOfReferenceSequence", [])}
+        ref_for |= {str(r.ReferencedFrameOfReferenceUID) for r in ds.get("StructureSetROISequence", [])
                     if "ReferencedFrameOfReferenceUID" in r}
+        ref_for.discard("")
         if ref_for and for_uid not in ref_for:
             raise DoseDiffError(f"RTSTRUCT {f.name} is in another frame of reference ({', '.join(ref_for)}) than "
                                 f"the CT ({for_uid}).", "Export the structures drawn on this CT.")
-        structures = _structures(ds, ct, warnings)
+        with _damaged(f, "RTSTRUCT"):
+            structures = _structures(ds, ct, warnings)
     else:
         warn(warnings, "No RTSTRUCT found.")
     reference = None
     plan_uid = str(plans[0].SOPInstanceUID) if plans else None
     if doses:
+        doses.sort(key=lambda fd: str(fd[1].get("DoseSummationType", "")).upper() != "PLAN")
         f, ds = doses[0]
-        if str(ds.FrameOfReferenceUID) != for_uid:
+        if len(doses) > 1:
+            warn(warnings, f"{len(doses)} RTDOSE files found; using {f.name} "
+                           f"({ds.get('DoseSummationType', 'unknown')} summation) as the plan dose.")
+        _same_patient(ds, patient, f, "RTDOSE")
+        if str(ds.get("FrameOfReferenceUID", "")) != for_uid:
             raise DoseDiffError(f"RTDOSE {f.name} is in another frame of reference than the CT.",
                                 "Export the plan dose computed on this CT.")
-        dose = _dose_volume(f, ds, warnings)
+        with _damaged(f, "RTDOSE"):
+            dose = _dose_volume(f, ds, warnings)
         reference = resample(dose, ct.grid, "linear", default=0.0)
         if plan_uid is None and "ReferencedRTPlanSequence" in ds:
             plan_uid = str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID)
     return DicomCase(ct, structures, reference, headers, plan_uid, warnings)
+
+
+def _same_patient(ds: Dataset, patient: str, path: Path, what: str) -> None:
+    """Objects of another patient are refused: comparing or contouring across patients is never meant."""
+    other = str(ds.get("PatientID", ""))
+    if patient and other and other != patient:
+        raise DoseDiffError(f"{what} {path.name} belongs to patient {other!r}, the CT to {patient!r}.",
+                            "Put only one patient's files in the folder.")
 
 
 def _copy(src: Dataset, dst: Dataset, keywords: tuple[str, ...]) -> None:
@@ -397,8 +535,7 @@ def rtdose_dataset(dose: Volume, ct_headers: list[Dataset], model_name: str = ""
 def write_rtdose(dose: Volume, ct_headers: list[Dataset], out_dir: str | os.PathLike, model_name: str = "",
                  plan_uid: str | None = None, overwrite: bool = False) -> Path:
     """Write RTDOSE into out_dir, refusing to replace an RTDOSE already there unless asked."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = make_folder(out_dir)
     existing = [p for p in out_dir.iterdir() if p.is_file() and p.name.startswith("RTDOSE")]
     if existing and not overwrite:
         raise DoseDiffError(f"{out_dir} already holds an RTDOSE ({existing[0].name}).",
@@ -412,7 +549,10 @@ def write_rtdose(dose: Volume, ct_headers: list[Dataset], out_dir: str | os.Path
 def read_rtdose(path: str | os.PathLike) -> Volume:
     """One RTDOSE file as a dose volume in Gy on its own grid."""
     path = Path(path)
+    if not path.is_file():
+        raise DoseDiffError(f"RTDOSE file {path} not found.", "Check the path and its spelling.")
     ds = _read(path, headers_only=False)
     if ds is None or ds.get("SOPClassUID") != RT_DOSE:
         raise DoseDiffError(f"{path} is not an RTDOSE file.", "Give the RTDOSE (.dcm) or a dose image.")
-    return _dose_volume(path, ds, [])
+    with _damaged(path, "RTDOSE"):
+        return _dose_volume(path, ds, [])

@@ -16,7 +16,10 @@ import numpy as np
 
 from . import metrics as M
 from .config import OARS, TARGETS
-from .volume import atomic_write
+from .errors import DoseDiffError
+from .volume import Volume, atomic_write, check_output_folder, make_folder, safe_name
+
+REPORT_FILES = ("metrics.json", "patients.csv", "roi_metrics.csv")
 
 
 @dataclass
@@ -118,8 +121,19 @@ def summarise(evals: list[PatientEvaluation]) -> dict:
     return overall
 
 
+def check_dose(dose: np.ndarray, what: str) -> None:
+    """NaN, infinite or negative doses mean nothing, and the scores would count them anyway."""
+    bad = int((~np.isfinite(dose)).sum())
+    if bad:
+        raise DoseDiffError(f"{what} has {bad} NaN or infinite voxels.", "Check the file: a dose is finite everywhere.")
+    negative = int((dose < 0).sum())
+    if negative:
+        raise DoseDiffError(f"{what} has {negative} negative voxels (down to {float(dose.min()):.3g} Gy).",
+                            "A dose cannot be negative: check the file's scaling and offset.")
+
+
 def write_report(evals: list[PatientEvaluation], out_dir: Path, overwrite: bool = False) -> dict:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     overall = summarise(evals)
     report = {"overall": overall, "patients": {e.pid: e.scores for e in evals}}
     text = json.dumps(report, indent=1) + "\n"
@@ -139,32 +153,82 @@ def write_report(evals: list[PatientEvaluation], out_dir: Path, overwrite: bool 
     return overall
 
 
+def _openkbp_pairs(root: Path, predictions: Path) -> list[tuple[Path, Path]]:
+    """(patient folder, prediction file) for every patient, all checked before any scoring."""
+    from . import openkbp
+
+    folders = [root] if (root / "ct.csv").exists() else openkbp.patient_folders(root)
+    if not folders:
+        raise DoseDiffError(f"{root} holds no OpenKBP patients.", "Point --openkbp to a pt_N folder or a split folder.")
+    if not predictions.exists():
+        raise DoseDiffError(f"Predictions {predictions} not found.", "Give the folder of pt_N.csv files (or one file).")
+    if not predictions.is_dir() and len(folders) > 1:
+        raise DoseDiffError(f"{predictions} is one file but {root} holds {len(folders)} patients.",
+                            "Give the folder of pt_N.csv predictions.")
+    pairs = [(f, predictions / f"{f.name}.csv" if predictions.is_dir() else predictions) for f in folders]
+    missing = [p.name for _, p in pairs if not p.is_file()]
+    if missing:
+        raise DoseDiffError(f"{len(missing)} prediction(s) missing in {predictions}: {', '.join(missing[:5])}"
+                            f"{'...' if len(missing) > 5 else ''}.", "Predict them first, or evaluate those you have.")
+    no_dose = [f.name for f, _ in pairs if not (f / "dose.csv").is_file()]
+    if no_dose:
+        raise DoseDiffError(f"{len(no_dose)} reference patient(s) without dose.csv: {', '.join(no_dose[:5])}.",
+                            "Evaluate against a split with clinical doses (train or validation).")
+    return pairs
+
+
 def evaluate_openkbp(root: Path, predictions: Path, out_dir: Path, gamma: bool = True, plots: bool = True,
                      overwrite: bool = False, progress: Callable[[str], None] | None = None) -> dict:
-    """Evaluate pt_N.csv predictions against every OpenKBP patient under root."""
+    """Evaluate pt_N.csv predictions against every OpenKBP patient under root.
+
+    Inputs and outputs are all checked before the first patient is scored.
+    """
     from . import openkbp
     from .plots import dvh_comparison
 
+    pairs = _openkbp_pairs(Path(root), Path(predictions))
+    pngs = tuple(f"dvh_{safe_name(f.name)}.png" for f, _ in pairs) if plots else ()
+    check_output_folder(out_dir, REPORT_FILES + pngs, overwrite)
     evals = []
-    out_dir.mkdir(parents=True, exist_ok=True)
-    folders = openkbp.patient_folders(root) if not (root / "ct.csv").exists() else [root]
-    for folder in folders:
-        pred_file = predictions / f"{folder.name}.csv" if predictions.is_dir() else predictions
-        if not pred_file.exists():
-            raise FileNotFoundError(f"no prediction {pred_file} for {folder.name}")
+    make_folder(out_dir)
+    for folder, pred_file in pairs:
         p = openkbp.read_patient(folder)
         pred = openkbp.from_openkbp_axes(openkbp._read_sparse(pred_file, True))
+        check_dose(pred, f"Prediction {pred_file}")
+        check_dose(p.dose.array, f"Reference dose of {folder}")
         masks = {k: v.array for k, v in p.masks.items()}
         e = evaluate_patient(p.pid, p.dose.array, pred, masks, p.possible_dose.array, p.ct.spacing, gamma)
         evals.append(e)
         if plots:
-            png = out_dir / f"dvh_{p.pid}.png"
-            if overwrite or not png.exists():
-                dvh_comparison(p.dose.array, pred, masks, png,
-                               f"{p.pid}: plan (solid) vs DoseDiff (dashed), dose score {e.scores['dose_score']:.2f} Gy")
+            dvh_comparison(p.dose.array, pred, masks, out_dir / f"dvh_{safe_name(folder.name)}.png",
+                           f"{p.pid}: plan (solid) vs DoseDiff (dashed), dose score {e.scores['dose_score']:.2f} Gy",
+                           overwrite=overwrite)
         if progress:
             progress(p.pid)
     return write_report(evals, out_dir, overwrite)
+
+
+def _same_case(pred: Volume, headers, prediction: Path) -> None:
+    """A predicted RTDOSE must belong to the patient and frame of reference of the plan it is compared with."""
+    for key, what in (("PatientID", "patient"), ("FrameOfReferenceUID", "frame of reference")):
+        mine, theirs = str(headers[0].get(key, "")), pred.meta.get(key, "")
+        if mine and theirs and mine != theirs:
+            raise DoseDiffError(f"Prediction {prediction} is for another {what} ({theirs!r}) than the DICOM "
+                                f"folder ({mine!r}).", "Compare the prediction made for this patient's CT.")
+
+
+def _covered(pred: Volume, grid, body: np.ndarray, prediction: Path) -> np.ndarray:
+    """The prediction on the CT grid; refused if it misses part of the body (scored as 0 Gy otherwise)."""
+    from .volume import resample
+
+    if pred.grid.close_to(grid):
+        return pred.array
+    inside = resample(pred.with_array(np.ones(pred.array.shape, np.float32)), grid, "nearest", default=0.0).array
+    missed = float(body.astype(bool)[inside == 0].sum()) / max(float(body.astype(bool).sum()), 1.0)
+    if missed > 0.01:
+        raise DoseDiffError(f"Prediction {prediction} covers only {100 * (1 - missed):.0f}% of the body on the CT.",
+                            "Give a prediction on this CT's grid (or one that covers the whole patient).")
+    return resample(pred, grid, "linear", default=0.0).array
 
 
 def evaluate_dicom(folder: Path, prediction: Path, out_dir: Path, series_uid: str | None = None,
@@ -173,26 +237,30 @@ def evaluate_dicom(folder: Path, prediction: Path, out_dir: Path, series_uid: st
     """Evaluate a predicted dose (NRRD/NIfTI/MHA or RTDOSE) against the plan RTDOSE in a DICOM folder."""
     from .config import ModelConfig
     from .dicomrt import read_dicom, read_rtdose
-    from .errors import DoseDiffError
     from .plots import dvh_comparison
     from .predict import body_from_ct
     from .rois import BODY, match_rois
-    from .volume import read_volume, resample
+    from .volume import read_volume
 
+    check_output_folder(out_dir, REPORT_FILES, overwrite)
     case = read_dicom(folder, series_uid)
     if case.reference_dose is None:
         raise DoseDiffError(f"{folder} holds no RTDOSE of the clinical plan to compare with.",
                             "Export the plan dose together with the CT and structures.")
     pred = read_rtdose(prediction) if prediction.suffix.lower() == ".dcm" else read_volume(prediction)
-    if not pred.grid.close_to(case.ct.grid):
-        pred = resample(pred, case.ct.grid, "linear", default=0.0)
+    _same_case(pred, case.ct_datasets, prediction)
     rois = list(ModelConfig().conditions.rois) + [BODY]
     matched = match_rois(case.structures.keys(), rois, mapping)
     masks = {roi: case.structures[name].array for roi, name in matched.items() if roi != BODY}
     body = case.structures[matched[BODY]].array if BODY in matched else body_from_ct(case.ct)
+    pred_on_ct = _covered(pred, case.ct.grid, body, prediction)
+    check_dose(pred_on_ct, f"Prediction {prediction}")
+    check_dose(case.reference_dose.array, f"The plan dose in {folder}")
     pid = str(getattr(case.ct_datasets[0], "PatientID", "") or folder.name)
-    e = evaluate_patient(pid, case.reference_dose.array, pred.array, masks, body, case.ct.spacing, gamma)
-    overall = write_report([e], out_dir, overwrite)
-    png = out_dir / f"dvh_{pid}.png"
-    dvh_comparison(case.reference_dose.array, pred.array, masks, png, f"{pid}: plan (solid) vs prediction (dashed)")
-    return overall
+    png = f"dvh_{safe_name(pid, 'patient')}.png"  # the PatientID is data, never a path
+    check_output_folder(out_dir, (png,), overwrite)
+    e = evaluate_patient(pid, case.reference_dose.array, pred_on_ct, masks, body, case.ct.spacing, gamma)
+    make_folder(out_dir)
+    dvh_comparison(case.reference_dose.array, pred_on_ct, masks, out_dir / png,
+                   f"{pid}: plan (solid) vs prediction (dashed)", overwrite=overwrite)
+    return write_report([e], out_dir, overwrite)

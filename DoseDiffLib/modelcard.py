@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .config import ModelConfig
+from .config import DiffusionConfig, ModelConfig
 from .errors import DoseDiffError
 from .mmfnet import MMFNet, count_parameters
 from .volume import atomic_write
@@ -43,6 +43,24 @@ def sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def config_sha256(config: dict[str, Any]) -> str:
+    """Checksum of the card's configuration as stored, less the sampler settings.
+
+    Everything here changes what the weights mean (dose scale, prediction type, schedule,
+    channel order, network); the sampler settings may be tuned after training. Taken
+    over the stored dict, not a re-parsed ModelConfig, so fields added to the code later
+    (with defaults) do not invalidate older cards.
+    """
+    from .config import DiffusionConfig
+
+    meaning = dict(config)
+    if isinstance(meaning.get("diffusion"), dict):
+        meaning["diffusion"] = {k: v for k, v in meaning["diffusion"].items()
+                                if k not in DiffusionConfig.SAMPLER_SETTINGS}
+    text = json.dumps(meaning, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def save_model(model: MMFNet, cfg: ModelConfig, card_path: str | os.PathLike,
                info: dict[str, Any] | None = None, half: bool = True, overwrite: bool = False) -> Path:
     """Write <name>.safetensors and its card <name>.json."""
@@ -54,6 +72,7 @@ def save_model(model: MMFNet, cfg: ModelConfig, card_path: str | os.PathLike,
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
                for k, v in model.state_dict().items()}
     atomic_write(weights_path, lambda p: save_file(tensors, str(p)), overwrite)
+    config = json.loads(json.dumps(cfg.to_dict()))  # tuples as lists, exactly as the card stores them
     card = {
         "format": CARD_FORMAT,
         "name": card_path.stem,
@@ -61,12 +80,12 @@ def save_model(model: MMFNet, cfg: ModelConfig, card_path: str | os.PathLike,
         "software": f"DoseDiff {__version__}",
         "intended_use": INTENDED_USE,
         "training_data": DEFAULT_TRAINING_DATA,
-        "config": cfg.to_dict(),
+        "config": config,
         "ct_channels": cfg.conditions.ct_channel_names(),
         "condition_channels": cfg.conditions.channel_names(),
         "parameters": count_parameters(model),
         "weights": {"file": weights_path.name, "sha256": sha256(weights_path),
-                    "dtype": str(dtype).replace("torch.", "")},
+                    "dtype": str(dtype).replace("torch.", ""), "config_sha256": config_sha256(config)},
     }
     card.update(info or {})
     text = json.dumps(card, indent=2) + "\n"
@@ -75,30 +94,58 @@ def save_model(model: MMFNet, cfg: ModelConfig, card_path: str | os.PathLike,
 
 
 def read_card(card_path: str | os.PathLike) -> dict[str, Any]:
+    """The card as a dict, refused with one clear message when it is not a DoseDiff card."""
     card_path = Path(card_path)
     if card_path.suffix == ".safetensors":
         card_path = card_path.with_suffix(".json")
+    if card_path.suffix != ".json" and not card_path.is_dir():
+        raise DoseDiffError(f"Model {card_path} is not a model card.",
+                            "Give the .json card that sits beside the .safetensors weights.")
+    if card_path.is_dir():
+        inside = sorted(p.name for p in card_path.glob("*.json"))
+        raise DoseDiffError(f"Model {card_path} is a folder, not a model card.",
+                            f"Give the .json card inside it ({', '.join(inside) or 'none found'}).")
     try:
         card = json.loads(card_path.read_text())
     except FileNotFoundError:
         raise DoseDiffError(f"Model card {card_path} not found.",
                             "Give the .json card that sits beside the .safetensors weights.") from None
-    except json.JSONDecodeError as exc:
-        raise DoseDiffError(f"Model card {card_path} is not valid JSON ({exc}).",
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+        raise DoseDiffError(f"Model card {card_path} is not a readable JSON file ({exc}).",
                             "Restore the card from the model's distribution.") from None
+    if not isinstance(card, dict):
+        raise DoseDiffError(f"Model card {card_path} is not a JSON object.", "Use a card written by DoseDiff.")
     for key in ("config", "weights"):
-        if key not in card:
+        if not isinstance(card.get(key), dict):
             raise DoseDiffError(f"Model card {card_path} has no {key!r} entry.",
                                 "Use a card written by DoseDiff's training.")
+    if not isinstance(card["weights"].get("file"), str) or not isinstance(card["weights"].get("sha256"), str):
+        raise DoseDiffError(f"Model card {card_path} does not name its weights file and checksum.",
+                            "Use the card shipped with the weights.")
     card["_path"] = str(card_path)
     return card
 
 
-def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[MMFNet, ModelConfig, dict[str, Any]]:
-    """Build the network from its card and load verified weights."""
-    card = read_card(card_path)
-    cfg = ModelConfig.from_dict(card["config"])
+def _check_config_checksum(card: dict[str, Any]) -> None:
+    """Refuse a configuration edited after the weights were trained (checked last, so that
+    an edit with a more specific symptom gets that message)."""
+    stored = card["weights"].get("config_sha256")
+    if stored is not None and stored != config_sha256(card["config"]):
+        raise DoseDiffError(
+            f"Model card {card['_path']} was edited: its configuration (dose scale, prediction type, "
+            "schedule, channel order or network) no longer matches the one the weights were trained with.",
+            "Restore the card shipped with the weights; only the sampler settings "
+            f"({', '.join(DiffusionConfig.SAMPLER_SETTINGS)}) may be changed.")
+
+
+def _card_config(card: dict[str, Any]) -> ModelConfig:
+    """The configuration, refused when it cannot describe a network."""
+    try:
+        cfg = ModelConfig.from_dict(card["config"])
+        cfg.conditions.channel_names()
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DoseDiffError(f"Model card {card['_path']} holds an invalid configuration ({exc}).",
+                            "Use the card shipped with the weights.") from None
     if (cfg.net.cond_channels, cfg.net.ct_channels) != (cfg.conditions.n_channels,
                                                         len(cfg.conditions.ct_channel_names())):
         raise DoseDiffError(
@@ -106,8 +153,16 @@ def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
             f"{cfg.net.cond_channels} condition channels but its input description has "
             f"{len(cfg.conditions.ct_channel_names())} and {cfg.conditions.n_channels}.",
             "The card was edited or written by another version; use the card shipped with the weights.")
+    return cfg
+
+
+def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> tuple[MMFNet, ModelConfig, dict[str, Any]]:
+    """Build the network from its card and load verified weights."""
+    card = read_card(card_path)
+    cfg = _card_config(card)
     weights = Path(card["_path"]).parent / card["weights"]["file"]
-    if not weights.exists():
+    if not weights.is_file():
         raise DoseDiffError(f"Weights {weights} named by the card are missing.",
                             "Put the .safetensors file beside its card.")
     digest = sha256(weights)
@@ -115,8 +170,16 @@ def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
         raise DoseDiffError(f"Weights {weights} fail the checksum in their card "
                             f"(sha256 {digest[:12]}..., card says {card['weights']['sha256'][:12]}...).",
                             "The file is corrupt or belongs to another card; re-install the model.")
-    state = load_file(str(weights))
-    model = MMFNet(cfg.net)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise DoseDiffError(f"Weights {weights} are not a valid safetensors file ({type(exc).__name__}: "
+                            f"{str(exc)[:120]}).", "Re-install the model (the .safetensors and its card).") from None
+    try:
+        model = MMFNet(cfg.net)
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as exc:
+        raise DoseDiffError(f"Model card {card['_path']} describes a network that cannot be built ({exc}).",
+                            "Use the card shipped with the weights.") from None
     expected = model.state_dict()
     wrong = [k for k in expected if k not in state or tuple(state[k].shape) != tuple(expected[k].shape)]
     extra = [k for k in state if k not in expected]
@@ -128,6 +191,7 @@ def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
             f"{len(extra)} unexpected (first: {first}, card expects "
             f"{tuple(expected[first].shape) if first in expected else 'none'}, file has {got}).",
             "Use the card that was written with these weights.")
+    _check_config_checksum(card)
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.to(device=device, dtype=dtype).eval()
     return model, cfg, card

@@ -47,7 +47,7 @@ def _read_sparse(path: Path, with_values: bool) -> np.ndarray:
         data = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2,
                           usecols=(0, 1) if with_values else (0,), dtype=np.float64)
     except (ValueError, OSError) as exc:
-        raise DoseDiffError(f"Cannot parse OpenKBP file {path}: {exc}.",
+        raise DoseDiffError(f"Cannot parse OpenKBP file {path}: {str(exc).rstrip('.')}.",
                             "Check that it is an unmodified OpenKBP CSV (header ',data').") from None
     flat = np.zeros(int(np.prod(SHAPE)), np.float32)
     if data.size:
@@ -64,12 +64,21 @@ def read_spacing(folder: Path) -> tuple[float, float, float]:
     if not f.exists():
         raise DoseDiffError(f"{folder} has no voxel_dimensions.csv.",
                             "Point to an OpenKBP patient folder (pt_N).")
-    sy, sx, sz = np.loadtxt(f).astype(float)
+    try:
+        values = np.loadtxt(f, ndmin=1).astype(float)
+    except ValueError as exc:
+        raise DoseDiffError(f"Cannot parse {f}: {exc}.", "It must hold three voxel sizes in mm (y x z).") from None
+    if values.shape != (3,) or not (np.isfinite(values) & (values > 0)).all():
+        raise DoseDiffError(f"{f} must hold three positive voxel sizes in mm, not {values.tolist()}.",
+                            "Restore the file from the OpenKBP data.")
+    sy, sx, sz = values
     return (float(sx), float(sy), float(sz))
 
 
 def read_patient(folder: str | os.PathLike, with_dose: bool = True) -> OpenKBPPatient:
     folder = Path(folder)
+    if not folder.is_dir():
+        raise DoseDiffError(f"OpenKBP patient folder {folder} not found.", "Check the path and its spelling.")
     if not (folder / "ct.csv").exists():
         raise DoseDiffError(f"{folder} has no ct.csv.", "Point to an OpenKBP patient folder (pt_N).")
     spacing = read_spacing(folder)
@@ -109,5 +118,7 @@ def write_dose_csv(dose: Volume, path: str | os.PathLike, overwrite: bool = Fals
 def patient_folders(root: str | os.PathLike) -> list[Path]:
     """Patient folders under root, in numeric order (pt_2 before pt_10)."""
     root = Path(root)
+    if not root.is_dir():
+        raise DoseDiffError(f"OpenKBP folder {root} not found.", "Give a pt_N folder or a split folder of them.")
     found = [p for p in root.iterdir() if p.is_dir() and (p / "ct.csv").exists()]
     return sorted(found, key=lambda p: int(p.name.split("_")[-1]) if p.name.split("_")[-1].isdigit() else 0)

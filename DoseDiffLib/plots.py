@@ -6,6 +6,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .volume import atomic_write
+
 COLOURS = {"PTV70": "#d62728", "PTV63": "#ff7f0e", "PTV56": "#e7ba52", "Brainstem": "#9467bd",
            "SpinalCord": "#1f77b4", "RightParotid": "#2ca02c", "LeftParotid": "#98df8a",
            "Esophagus": "#8c564b", "Larynx": "#e377c2", "Mandible": "#7f7f7f"}
@@ -26,8 +28,17 @@ def cumulative_dvh(dose_in_roi: np.ndarray, bins: np.ndarray) -> np.ndarray:
     return 100.0 * (d.size - np.searchsorted(d, bins, side="left")) / max(d.size, 1)
 
 
+def save_figure(fig, path: str | Path, dpi: int, overwrite: bool) -> Path:
+    """Through the one safe writer: never through a link, never half a PNG."""
+    plt = _plt()
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, dpi=dpi, format="png"), overwrite)
+    finally:
+        plt.close(fig)
+
+
 def dvh_comparison(reference: np.ndarray | None, prediction: np.ndarray, masks: Mapping[str, np.ndarray],
-                   path: str | Path, title: str = "") -> Path:
+                   path: str | Path, title: str = "", overwrite: bool = False) -> Path:
     """Solid: reference (clinical plan); dashed: prediction."""
     plt = _plt()
     top = max(float(prediction.max()), float(reference.max()) if reference is not None else 0.0, 1.0)
@@ -49,14 +60,12 @@ def dvh_comparison(reference: np.ndarray | None, prediction: np.ndarray, masks: 
     fig.text(0.01, 0.01, "DoseDiff prediction: research and planning guidance only, not a TPS dose calculation.",
              fontsize=7, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 110, overwrite)
 
 
 def dose_overlay(ct_hu: np.ndarray, dose: np.ndarray, masks: Mapping[str, np.ndarray],
-                 spacing_xyz: tuple[float, float, float], path: str | Path, title: str = "") -> Path:
+                 spacing_xyz: tuple[float, float, float], path: str | Path, title: str = "",
+                 overwrite: bool = False) -> Path:
     """Axial, coronal and sagittal planes through the highest target, dose in colour wash."""
     plt = _plt()
     inside = np.argwhere((ct_hu > -500) | (dose > 0))
@@ -87,7 +96,4 @@ def dose_overlay(ct_hu: np.ndarray, dose: np.ndarray, masks: Mapping[str, np.nda
         ax.axis("off")
     fig.colorbar(im, ax=axes, fraction=0.015, label="Dose (Gy)")
     fig.suptitle(title or "DoseDiff predicted dose (research and planning guidance only)")
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, 100, overwrite)

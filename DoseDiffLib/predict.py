@@ -21,7 +21,7 @@ from .diffusion import Diffusion
 from .errors import Cancelled, DoseDiffError, warn
 from .mmfnet import MMFNet
 from .openkbp import OpenKBPPatient
-from .rois import BODY, match_rois, unmatched_targets
+from .rois import BODY, match_rois, plausibility_warnings, unmatched_targets
 from .runtime import batch_size_for
 from .volume import IDENTITY, Grid, Volume, resample, resample_mask, to_axial
 
@@ -62,7 +62,13 @@ def check_ct(ct: Volume) -> None:
         n = int((~np.isfinite(a)).sum())
         raise DoseDiffError(f"The CT has {n} NaN or infinite voxels.",
                             "Re-export the CT; fill missing voxels with -1000 HU (air) if they are padding.")
+    if a.shape[0] < 2:
+        raise DoseDiffError(f"The CT has {a.shape[0]} slice; a dose needs the patient's 3-D anatomy.",
+                            "Give the whole planning CT.")
     lo, hi = float(a.min()), float(a.max())
+    if hi <= 10 and lo >= -10 and hi > lo:  # before the constant test: a [0, 1] image spans less than 50
+        raise DoseDiffError(f"The CT looks normalised ({lo:g} to {hi:g}), not in HU.",
+                            "Give the original CT in Hounsfield units.")
     if hi - lo < 50:
         raise DoseDiffError(f"The CT is nearly constant ({lo:g} to {hi:g}).", "Check that this is the planning CT.")
     if lo >= -10 and hi > 500:
@@ -70,9 +76,6 @@ def check_ct(ct: Volume) -> None:
             f"The CT is not in Hounsfield units: values run from {lo:g} to {hi:g}, with no air near -1000 "
             "(typical of stored values without the DICOM rescale, or of HU+1024 data).",
             "Apply the rescale slope/intercept (usually -1024) when exporting the CT, or subtract 1024.")
-    if hi <= 10 and lo >= -10:
-        raise DoseDiffError(f"The CT looks normalised ({lo:g} to {hi:g}), not in HU.",
-                            "Give the original CT in Hounsfield units.")
 
 
 def body_from_ct(ct: Volume, threshold_hu: float = BODY_THRESHOLD_HU) -> np.ndarray:
@@ -178,6 +181,8 @@ def prepare_case(ct: Volume, structures: Mapping[str, Volume], cfg: ModelConfig,
     else:
         body = body_from_ct(ct)
         warn(warnings, f"No BODY/External structure: body contour thresholded from the CT at {BODY_THRESHOLD_HU:g} HU.")
+    plausibility_warnings(ct.array, body, {r: m.array for r, m in chosen.items()},
+                          [t for t, _ in cfg.conditions.ptv_weights], warnings)
     for roi, m in chosen.items():
         if (m.array & ~body.astype(bool)).sum() > 0.05 * m.array.sum():
             warn(warnings, f"{roi} lies partly outside the body contour; dose there is set to zero.")
@@ -293,6 +298,8 @@ def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: in
                  batch_size: int | None = None, with_std: bool = False, progress: Progress | None = None,
                  sampler: str | None = None, flip: bool | None = None) -> Prediction:
     name, smp = resolve_sampler(cfg, sampler, steps, samples, flip)
+    if batch_size is not None and batch_size < 1:
+        raise DoseDiffError(f"The batch size must be at least 1 (got {batch_size}).")
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     t0 = time.perf_counter()
@@ -324,6 +331,8 @@ def _to_ct_grid(inputs: ModelInputs, arr: np.ndarray) -> Volume:
     else:
         on_ct = on_model.array
     out = Volume.on_grid((on_ct * (inputs.body_on_ct > 0)).astype(np.float32), inputs.ct_grid)
-    if inputs.output_grid is not None:  # voxel centres coincide: linear is exact here
+    if inputs.output_grid is not None:  # the CT as given: exact for flips, interpolated when oblique
         out = resample(out, inputs.output_grid, "linear", default=0.0)
+        body = resample_mask(Volume.on_grid(inputs.body_on_ct, inputs.ct_grid), inputs.output_grid)
+        out = out.with_array(out.array * body.array)  # interpolation must not spill dose out of the body
     return out

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import lzma
-import os
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,6 +24,7 @@ import numpy as np
 from . import openkbp
 from .conditions import STACK_ROIS, slice_stack
 from .config import POSSIBLE_DOSE, ModelConfig
+from .errors import DoseDiffError
 from .volume import Volume, atomic_write
 
 CACHE_VERSION = 1
@@ -36,16 +36,55 @@ PACK_DOSE_STEP_GY = 0.1
 def prepare_patient(p: openkbp.OpenKBPPatient, out_dir: Path, cfg: ModelConfig) -> dict:
     """Cache one patient; returns its index entry."""
     if p.dose is None:
-        raise ValueError(f"{p.pid} has no dose; training needs the clinical dose")
+        raise DoseDiffError(f"{p.pid} has no dose.csv; training needs the clinical dose.",
+                            "Prepare only the train and validation splits, which have doses.")
     masks = dict(p.masks)
     masks[POSSIBLE_DOSE] = p.possible_dose
     stack = slice_stack(p.ct, masks, cfg)
     sl = stack.slices
-    np.save(out_dir / f"{p.pid}_psdm.npy", stack.psdm.astype(np.float16))
-    np.save(out_dir / f"{p.pid}_ct.npy", stack.ct.astype(np.float16))
-    np.save(out_dir / f"{p.pid}_dose.npy", cfg.norm.dose(p.dose.array[sl]).astype(np.float16))
+    arrays = {"psdm": stack.psdm.astype(np.float16), "ct": stack.ct.astype(np.float16),
+              "dose": cfg.norm.dose(p.dose.array[sl]).astype(np.float16)}
+    for kind, arr in arrays.items():  # a killed run never leaves a truncated array behind
+        atomic_write(out_dir / f"{p.pid}_{kind}.npy", lambda f, a=arr: np.save(f, a), overwrite=True)
     return {"pid": p.pid, "slices": [int(s) for s in sl], "n_slices_total": int(p.ct.array.shape[0]),
             "spacing": list(p.ct.spacing), "rois": sorted(p.masks)}
+
+
+def _cached(cache: Path, pid: str) -> bool:
+    return all((cache / f"{pid}_{kind}.npy").is_file() for kind in ("ct", "psdm", "dose"))
+
+
+def check_cache(cache: Path, split: str | None = "train", cfg: ModelConfig | None = None) -> dict:
+    """The cache's index, refused with one clear message when the cache is missing, of
+    another version or settings, or missing files (so training never starts on it)."""
+    index_path = Path(cache) / "index.json"
+    if not index_path.is_file():
+        raise DoseDiffError(f"{cache} is not a training cache (no index.json).",
+                            "Build one with dosediff prepare --split train=FOLDER --cache DIR.")
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DoseDiffError(f"The cache index {index_path} is damaged ({exc}).",
+                            "Delete the cache folder and run dosediff prepare again.") from None
+    if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:
+        found = index.get("version") if isinstance(index, dict) else None
+        raise DoseDiffError(f"The cache {cache} has version {found}, this DoseDiff reads version {CACHE_VERSION}.",
+                            "Run dosediff prepare into a new cache folder.")
+    if index.get("rois") != list(CACHE_ROIS) or index.get("norm") != (cfg or ModelConfig()).to_dict()["norm"] \
+            or not isinstance(index.get("splits"), dict):
+        raise DoseDiffError(f"The cache {cache} was built with other ROIs or normalisation.",
+                            "Run dosediff prepare into a new cache folder.")
+    if split is None:  # prepare fills the gaps itself
+        return index
+    entries = index["splits"].get(split)
+    if not entries:
+        raise DoseDiffError(f"The cache {cache} has no {split!r} patients.",
+                            f"Run dosediff prepare with --split {split}=FOLDER.")
+    for e in (e for entries in index["splits"].values() for e in entries):
+        if not _cached(Path(cache), str(e.get("pid"))):
+            raise DoseDiffError(f"The cache {cache} misses the arrays of {e.get('pid')}.",
+                                "Run dosediff prepare again on the same folder (it fills the gaps).")
+    return index
 
 
 def _pack_bits(p: openkbp.OpenKBPPatient) -> np.ndarray:
@@ -112,13 +151,12 @@ def prepare(split_dirs: dict[str, Path], out_dir: Path, cfg: ModelConfig,
     """Cache every patient of every split (or of a pack); cached patients are kept (resumable)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"version": CACHE_VERSION,
-                                                                            "rois": list(CACHE_ROIS),
-                                                                            "norm": cfg.to_dict()["norm"],
-                                                                            "splits": {}}
-    if index.get("norm") != cfg.to_dict()["norm"] or index.get("rois") != list(CACHE_ROIS):
-        raise ValueError(f"cache {out_dir} was built with other settings; use a new folder")
-    done = {(split, e["pid"]) for split, entries in index["splits"].items() for e in entries}
+    index = check_cache(out_dir, None, cfg) if index_path.exists() else {"version": CACHE_VERSION,
+                                                                         "rois": list(CACHE_ROIS),
+                                                                         "norm": cfg.to_dict()["norm"],
+                                                                         "splits": {}}
+    done = {(split, e["pid"]) for split, entries in index["splits"].items() for e in entries
+            if _cached(out_dir, e["pid"])}
     if pack is not None:
         sources = ((split, p) for split, p in read_pack(pack) if (split, p.pid) not in done)
     else:
@@ -129,9 +167,8 @@ def prepare(split_dirs: dict[str, Path], out_dir: Path, cfg: ModelConfig,
         for split, entry in pool.imap_unordered(_prepare_one, jobs):
             entries = [e for e in index["splits"].get(split, []) if e["pid"] != entry["pid"]]
             index["splits"][split] = sorted(entries + [entry], key=lambda e: _pid_number(e["pid"]))
-            tmp = index_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(index))
-            os.replace(tmp, index_path)
+            text = json.dumps(index)
+            atomic_write(index_path, lambda f: f.write_text(text), overwrite=True)
             if progress:
                 progress(f"{split}/{entry['pid']}")
     return index_path

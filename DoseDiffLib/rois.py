@@ -14,7 +14,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .errors import DoseDiffError
+import numpy as np
+
+from .errors import DoseDiffError, warn
 
 BODY = "BODY"
 
@@ -105,3 +107,35 @@ def unmatched_targets(structure_names: Iterable[str], matched: Mapping[str, str]
     """PTV-like structures that were not used: worth a warning (other dose levels)."""
     used = set(matched.values())
     return [n for n in structure_names if n not in used and normalise(n).startswith("ptv")]
+
+
+def plausibility_warnings(ct_hu: np.ndarray, body: np.ndarray, masks: Mapping[str, np.ndarray],
+                          targets: Iterable[str], warnings: list[str]) -> None:
+    """Warn about structures that are valid but almost certainly not what was meant.
+
+    Each of these passes every check and yet steers the prediction somewhere no plan
+    would go: a BODY that is the image outline, a target in air or as large as the CT,
+    an organ that is a copy of a target.
+    """
+    body = body.astype(bool)
+    if body.mean() > 0.95:
+        warn(warnings, f"The body contour fills {100 * body.mean():.0f}% of the image: it looks like the image "
+                       "outline, not the patient, so dose is allowed in the air around the patient.")
+    targets = [t for t in targets if t in masks]
+    for t in targets:
+        m = masks[t].astype(bool)
+        if not m.any():
+            continue
+        if float(np.median(ct_hu[m])) < -500:
+            warn(warnings, f"{t} lies mostly in air (median {float(np.median(ct_hu[m])):.0f} HU): check that the "
+                           "structures belong to this CT and are not shifted.")
+        if m.mean() > 0.5 or m.sum() > 0.9 * max(int(body.sum()), 1):
+            warn(warnings, f"{t} fills {100 * m.mean():.0f}% of the CT: a target that large is not a clinical "
+                           "target; check the structure (a filled bounding box, or the body renamed).")
+        for organ, o in masks.items():
+            if organ in targets or organ == BODY:
+                continue
+            o = o.astype(bool)
+            overlap = 2.0 * float((m & o).sum()) / max(float(m.sum() + o.sum()), 1.0)
+            if overlap > 0.98:
+                warn(warnings, f"{organ} is identical to {t} (Dice {overlap:.2f}): one of them is a copy.")

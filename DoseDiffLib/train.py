@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from .conditions import STACK_ROIS, SliceStack, assemble, beam_directions, gather
 from .config import POSSIBLE_DOSE, ConditionConfig, ModelConfig
 from .diffusion import Diffusion
+from .errors import DoseDiffError
 from .losses import sorted_dose_l1
 from .metrics import dose_score, dvh_errors, dvh_metrics, dvh_score
 from .mmfnet import MMFNet
 from .modelcard import save_model
+from .plots import save_figure
 from .predict import dose_rows, resolve_sampler, sample_dose
 
 CACHE_ROIS = STACK_ROIS
@@ -190,6 +192,23 @@ def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> No
     ema.load_state_dict(state)
 
 
+# run logistics a resumed run may change; every other setting is the recipe and must match
+RESUME_MAY_CHANGE = ("steps", "threads", "val_every", "checkpoint_every", "val_patients", "max_seconds")
+
+
+def _check_resume(saved: dict, tcfg: TrainConfig, mcfg: ModelConfig, ckpt: Path) -> None:
+    """A checkpoint resumes only the run that wrote it: same model configuration, same recipe."""
+    defaults = asdict(TrainConfig())
+    old = saved.get("train_config", {})
+    differ = [f"{k} {old.get(k, defaults[k])!r} -> {v!r}" for k, v in asdict(tcfg).items()
+              if k not in RESUME_MAY_CHANGE and old.get(k, defaults[k]) != v]
+    if ModelConfig.from_dict(json.loads(saved.get("model_config", "{}"))) != mcfg:
+        differ.append("model configuration")
+    if differ:
+        raise DoseDiffError(f"{ckpt} was written by a run with other settings ({'; '.join(differ)}).",
+                            "Resume with the same --set values, or start a new run folder.")
+
+
 def _dist_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -248,8 +267,7 @@ def plot_curves(log_path: Path, png: Path) -> None:
         a2.legend()
     a2.set(xlabel="step", ylabel="Gy", title="Validation subset")
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    save_figure(fig, png, 100, overwrite=True)  # the one safe writer: never through a link
 
 
 def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
@@ -276,8 +294,7 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
         _warm_start(model, ema, mcfg, Path(tcfg.init))
     if ckpt.exists():
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if saved["train_config"]["preset"] != tcfg.preset or saved["train_config"]["prediction"] != tcfg.prediction:
-            raise ValueError(f"{ckpt} belongs to another configuration; use a new run folder")
+        _check_resume(saved, tcfg, mcfg, ckpt)
         model.load_state_dict(saved["model"])
         ema.load_state_dict(saved["ema"])
         opt.load_state_dict(saved["opt"])
@@ -337,6 +354,10 @@ def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        if not torch.isfinite(gnorm):  # gradients are all-reduced: every process stops here together
+            raise DoseDiffError(f"Training diverged at step {state['step'] + 1}: loss {loss.item():.3g}, gradients "
+                                f"not finite; {ckpt.name} keeps the last good checkpoint, no model was exported.",
+                                f"Start a new run folder with a lower lr (now {tcfg.lr:g}), or check the cache.")
         opt.step()
         sched.step()
         with torch.no_grad():  # warm-up: early on the average must not be dominated by the initialisation

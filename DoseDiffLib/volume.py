@@ -6,13 +6,18 @@ LPS millimetres (x, y, z order). Nothing downstream guesses geometry.
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
 import logging
+import math
 import os
 import re
+import struct
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Iterator, Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -76,6 +81,7 @@ class Volume:
         self.spacing = tuple(float(s) for s in self.spacing)
         self.origin = tuple(float(o) for o in self.origin)
         self.direction = tuple(float(d) for d in self.direction)
+        check_geometry(self.spacing, self.origin, self.direction)
 
     @property
     def grid(self) -> Grid:
@@ -102,26 +108,100 @@ class Volume:
         return cls(sitk.GetArrayFromImage(img), img.GetSpacing(), img.GetOrigin(), img.GetDirection())
 
 
+def check_geometry(spacing: tuple[float, ...], origin: tuple[float, ...], direction: tuple[float, ...]) -> None:
+    """Refuse geometry that would place every voxel wrongly: zero, negative or NaN spacing,
+    a NaN origin, or a direction matrix that is not a rotation (flattened or sheared axes)."""
+    if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise DoseDiffError(f"Voxel spacing {spacing} mm is not three positive numbers.",
+                            "Fix the image header (spacing / pixdim) or re-export the image.")
+    if not all(math.isfinite(v) for v in (*origin, *direction)):
+        raise DoseDiffError(f"The image origin {origin} or direction has non-finite values.",
+                            "Fix the image header or re-export the image.")
+    d = np.asarray(direction, float).reshape(3, 3)
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-3):
+        raise DoseDiffError("The image direction cosines are not orthonormal (sheared or degenerate axes).",
+                            "Re-export the image; a gantry-tilted CT must be resampled to an axial grid first.")
+
+
+MAX_VOXELS = 1 << 30  # 4 GiB as float32: far beyond any planning CT, and still fits in memory
+
+
 def _sitk_read(path: Path) -> sitk.Image:
     if not path.exists():
         raise DoseDiffError(f"File not found: {path}.", "Check the path and its spelling.")
+    if path.is_dir():
+        raise DoseDiffError(f"{path} is a folder, not an image file.", "Give the image file (NRRD, NIfTI or MHA).")
     try:
-        return sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        if int(np.prod([int(v) for v in reader.GetSize()], dtype=np.float64)) > MAX_VOXELS:
+            raise DoseDiffError(f"{path} claims {reader.GetSize()} voxels, more than any planning image.",
+                                "The header is damaged; re-export the image.")
+        return reader.Execute()
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else "unknown reader error"
+        if "spacing" in str(exc).lower():
+            raise DoseDiffError(f"{path} has a zero or invalid voxel spacing ({first}).",
+                                "Fix the image header (spacing / pixdim) or re-export the image.") from None
         raise DoseDiffError(
             f"Cannot read {path}: the file is unreadable or truncated ({first}).",
             "Re-export the image as NRRD, NIfTI or MHA and check the copy finished.") from None
 
 
-def read_volume(path: str | os.PathLike) -> Volume:
-    """Read an NRRD, NIfTI or MHA image, reoriented to an axial LPS grid."""
-    img = _sitk_read(Path(path))
+def _nifti_nonfinite(path: Path) -> int:
+    """NaN/Inf voxels in a float NIfTI file, counted in the raw data.
+
+    ITK's NIfTI reader turns them into 0, so the image it returns looks clean.
+    """
+    opener = gzip.open if path.name.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as fh:
+            head = fh.read(540)
+            for endian in "<>":
+                size = struct.unpack(endian + "i", head[:4])[0]
+                if size == 348:
+                    code = struct.unpack(endian + "h", head[70:72])[0]
+                    offset = int(struct.unpack(endian + "f", head[108:112])[0])
+                    break
+                if size == 540:
+                    code = struct.unpack(endian + "h", head[12:14])[0]
+                    offset = int(struct.unpack(endian + "q", head[168:176])[0])
+                    break
+            else:
+                return 0
+            dtype = {16: "f4", 64: "f8"}.get(code)
+            if dtype is None:
+                return 0
+            fh.seek(offset)
+            kind, bad = np.dtype(endian + dtype), 0
+            while chunk := fh.read(kind.itemsize << 22):  # 4 M voxels at a time: no second copy of a large CT
+                usable = len(chunk) - len(chunk) % kind.itemsize
+                bad += int((~np.isfinite(np.frombuffer(chunk[:usable], kind))).sum())
+    except (OSError, EOFError, struct.error, ValueError, zlib.error):
+        return 0  # unreadable files are reported by the image reader itself
+    return bad
+
+
+def read_volume(path: str | os.PathLike, reorient: bool = True) -> Volume:
+    """Read an NRRD, NIfTI or MHA image, reoriented to an axial LPS grid unless reorient=False.
+
+    NaN or infinite voxels are refused: they would reach the network or a score unnoticed.
+    """
+    path = Path(path)
+    img = _sitk_read(path)
     if img.GetDimension() != 3 or img.GetNumberOfComponentsPerPixel() != 1:
         raise DoseDiffError(f"{path} is not a scalar 3-D image (dimension {img.GetDimension()}, "
                             f"{img.GetNumberOfComponentsPerPixel()} components).",
                             "Give a single-component 3-D volume.")
-    return to_axial(Volume.from_sitk(img))
+    vol = Volume.from_sitk(img)
+    bad = int((~np.isfinite(vol.array)).sum()) if vol.array.dtype.kind == "f" else 0
+    if path.name.endswith((".nii", ".nii.gz")):
+        bad = max(bad, _nifti_nonfinite(path))
+    if bad:
+        raise DoseDiffError(f"{path} has {bad} NaN or infinite voxels.",
+                            "Re-export the image; fill padding with a real value (-1000 HU for air, 0 Gy for dose).")
+    return to_axial(vol) if reorient else vol
 
 
 def to_axial(vol: Volume, is_label: bool = False) -> Volume:
@@ -182,20 +262,132 @@ def resample_mask(mask: Volume, grid: Grid) -> Volume:
     return frac.with_array((frac.array >= 0.5).astype(np.uint8))
 
 
-def _atomic_target(path: Path, overwrite: bool) -> Path:
+# --- writing: every file DoseDiff writes goes through atomic_write -------------------
+
+_TMP_TAG = ".dosediff-tmp"
+_CREATED: list[list[Path]] = []  # one list per all_or_nothing block, innermost last
+
+
+def safe_name(text: str, fallback: str = "unnamed") -> str:
+    """A file name part made from input data (a PatientID, a ROI name): no folders, no
+    '..', no hidden files, nothing a shell or another OS would trip on."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("._-")[:64]
+    return name or fallback
+
+
+def check_output(path: str | os.PathLike, overwrite: bool = False, suffixes: tuple[str, ...] = (),
+                 what: str = "Output") -> Path:
+    """Refuse, before any work, an output that could not be written or would destroy a file."""
+    path = Path(path)
+    if suffixes and not path.name.lower().endswith(suffixes):
+        raise DoseDiffError(f"{what} {path} has an unsupported file type.", f"Use one of: {', '.join(suffixes)}.")
+    if path.is_symlink():
+        raise DoseDiffError(f"{what} {path} is a symbolic link; DoseDiff never writes through links.",
+                            "Give the real path, or remove the link.")
+    if path.is_dir():
+        raise DoseDiffError(f"{what} {path} is a folder.", "Give a file name inside it.")
     if path.exists() and not overwrite:
-        raise DoseDiffError(f"Output {path} already exists.",
-                            "Choose another output path or pass --overwrite.")
-    if not path.parent.exists():
-        raise DoseDiffError(f"Output folder {path.parent} does not exist.", "Create it first.")
+        raise DoseDiffError(f"{what} {path} already exists.", "Choose another output path or pass --overwrite.")
+    _check_folder_writable(path.parent, create=False)
     return path
 
 
-def atomic_write(path: str | os.PathLike, writer, overwrite: bool = False) -> Path:
-    """Call writer(tmp_path) then rename onto `path`, so a crash never leaves half a file."""
-    path = _atomic_target(Path(path), overwrite)
+def check_output_folder(folder: str | os.PathLike, names: tuple[str, ...] = (), overwrite: bool = False) -> Path:
+    """A folder that will receive `names`: it (or its nearest existing parent) must be a
+    writable folder, and none of the names may exist there unless overwrite is given."""
+    folder = Path(folder)
+    _check_folder_writable(folder, create=True)
+    if folder.is_dir():
+        for n in names:
+            check_output(folder / n, overwrite)
+    return folder
+
+
+def _check_folder_writable(folder: Path, create: bool) -> None:
+    probe = folder
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        if not create:
+            raise DoseDiffError(f"Output folder {folder} does not exist.", "Create it first, or fix the path.")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DoseDiffError(f"{probe} is not a folder, so {folder} cannot hold outputs.", "Fix the output path.")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DoseDiffError(f"Output folder {probe} is not writable.", "Choose a folder you can write to.")
+
+
+def make_folder(folder: str | os.PathLike) -> Path:
+    """mkdir -p that remembers the levels it created, so a failed command removes them."""
+    folder = Path(folder)
+    _check_folder_writable(folder, create=True)
+    missing = []
+    probe = folder
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    if _CREATED:
+        _CREATED[-1].extend(reversed(missing))
+    return folder
+
+
+@contextlib.contextmanager
+def all_or_nothing(keep_files: bool = False) -> Iterator[None]:
+    """Remove again every file and folder created inside the block if the block fails
+    (an error, Ctrl-C or SIGTERM): a failed command leaves no half report behind.
+
+    keep_files: for resumable work (cohort prediction, cache, training), whose finished
+    files are kept; only the folders it created and left empty are removed.
+    """
+    created: list[Path] = []
+    _CREATED.append(created)
+    try:
+        yield
+    except BaseException:
+        for p in reversed(created):
+            if keep_files and not p.is_dir():
+                continue
+            try:
+                p.rmdir() if p.is_dir() and not p.is_symlink() else p.unlink()
+            except OSError:
+                pass  # a folder the user filled meanwhile stays
+        raise
+    finally:
+        _CREATED.pop()
+
+
+_TMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+" + re.escape(_TMP_TAG))
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Temporaries in `folder` left by processes that were killed (SIGKILL cannot be caught)."""
+    for f in folder.iterdir():
+        m = _TMP_NAME.match(f.name)
+        if m and not _alive(int(m.group(1))):
+            f.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def atomic_write(path: str | os.PathLike, writer: Callable[[Path], object], overwrite: bool = False) -> Path:
+    """Call writer(tmp_path) then rename onto `path`, so a crash never leaves half a file.
+
+    The temporary sits beside the target as .<name>.<pid>.<random>.dosediff-tmp<suffix>:
+    it is removed on any error, Ctrl-C or SIGTERM, and one left by a killed process is
+    removed by the next write into the same folder. Links are never written through.
+    """
+    path = check_output(path, overwrite)
+    is_new = not os.path.lexists(path)
+    _remove_stale_temporaries(path.parent)
     suffix = next((s for s in VOLUME_SUFFIXES if path.name.endswith(s)), path.suffix)
-    fd, tmp = tempfile.mkstemp(prefix=".dosediff-", suffix=suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=_TMP_TAG + suffix, dir=path.parent)
     os.close(fd)
     try:
         writer(Path(tmp))
@@ -206,6 +398,8 @@ def atomic_write(path: str | os.PathLike, writer, overwrite: bool = False) -> Pa
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if is_new and _CREATED:
+        _CREATED[-1].append(path)
     return path
 
 
@@ -258,8 +452,15 @@ def read_segmentation(path: Path) -> dict[str, Volume]:
     one-segment-per-layer files without label values.
     """
     img = _sitk_read(path)
-    keys = set(img.GetMetaDataKeys())
-    meta = {k: img.GetMetaData(k) for k in keys}
+    try:
+        keys = set(img.GetMetaDataKeys())
+        meta = {k: img.GetMetaData(k) for k in keys}
+    except (TypeError, UnicodeError, RuntimeError):
+        raise DoseDiffError(f"The header of {path} holds unreadable (non-text) fields.",
+                            "Re-save the segmentation from Slicer.") from None
+    if img.GetDimension() not in (3, 4):
+        raise DoseDiffError(f"{path} is a {img.GetDimension()}-D image, not a 3-D segmentation.",
+                            "Give a Slicer .seg.nrrd or a 3-D labelmap.")
     n_comp = img.GetNumberOfComponentsPerPixel()
     if img.GetDimension() == 4:
         arr4 = sitk.GetArrayFromImage(img)  # (layer, z, y, x)
@@ -281,9 +482,13 @@ def read_segmentation(path: Path) -> dict[str, Volume]:
                 masks[f"label_{int(value)}"] = geometry.with_array((layers[0] == value).astype(np.uint8))
     for i in indices:
         name = meta[f"Segment{i}_Name"]
-        layer = int(meta.get(f"Segment{i}_Layer", i if len(layers) > 1 else 0))
-        label = int(meta.get(f"Segment{i}_LabelValue", 1))
-        if layer >= len(layers):
+        try:
+            layer = int(meta.get(f"Segment{i}_Layer", i if len(layers) > 1 else 0))
+            label = int(meta.get(f"Segment{i}_LabelValue", 1))
+        except ValueError:
+            raise DoseDiffError(f"Segment {name!r} in {path} has a layer or label value that is not a number.",
+                                "Re-save the segmentation from Slicer.") from None
+        if not 0 <= layer < len(layers):
             raise DoseDiffError(f"Segment {name!r} in {path} points to layer {layer}, "
                                 f"but the file has {len(layers)}.", "Re-save the segmentation from Slicer.")
         masks[name] = geometry.with_array((layers[layer] == label).astype(np.uint8))

@@ -219,7 +219,7 @@ def _predict_openkbp_cohort(args: argparse.Namespace) -> int:
 
     from . import openkbp
     from .modelcard import load_model
-    from .predict import predict_case, prepare_openkbp
+    from .predict import predict_case, prepare_openkbp, resolve_sampler
     from .runtime import choose_device
 
     if args.out is None:
@@ -339,7 +339,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .modelcard import load_model
     from .phantom import head_and_neck
     from .plots import dose_overlay, dvh_comparison
-    from .predict import predict_case, prepare_case, prepare_openkbp
+    from .predict import predict_case, prepare_case, prepare_openkbp, resolve_sampler
     from .runtime import choose_device
     from .volume import write_segmentation, write_volume
 

@@ -279,18 +279,18 @@ def dose_rows(stack: SliceStack, cfg: ModelConfig, slice_mm: float) -> np.ndarra
     return rows[dist <= TARGET_SLAB_MARGIN_MM]
 
 
-def resolve_sampler(cfg: ModelConfig, name: str | None = None, steps: int | None = None,
+def resolve_sampler(cfg: ModelConfig, sampler: str | None = None, steps: int | None = None,
                     samples: int | None = None, flip: bool | None = None) -> tuple[str, SamplerConfig]:
     """A named sampler (default: the one the model card was validated with), with overrides."""
-    name = name or cfg.diffusion.sampler
+    name = sampler or cfg.diffusion.sampler
     if name not in SAMPLERS:
         raise DoseDiffError(f"Unknown sampler {name!r}.", f"Choose one of: {', '.join(SAMPLERS)}.")
     changes = {k: v for k, v in (("steps", steps), ("samples", samples), ("flip", flip)) if v is not None}
-    sampler = replace(SAMPLERS[name], **changes)
-    if sampler.samples < 1 or not 1 <= sampler.steps <= cfg.diffusion.timesteps:
+    chosen = replace(SAMPLERS[name], **changes)
+    if chosen.samples < 1 or not 1 <= chosen.steps <= cfg.diffusion.timesteps:
         raise DoseDiffError(f"Steps must be 1 to {cfg.diffusion.timesteps} and samples at least 1 "
-                            f"(got {sampler.steps} steps, {sampler.samples} samples).")
-    return name, sampler
+                            f"(got {chosen.steps} steps, {chosen.samples} samples).")
+    return name, chosen
 
 
 def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: int | None = None,

@@ -821,7 +821,9 @@ _table("work thrown away", _predict_to, [
     ("out_csv_without_openkbp", ("d.csv",), "unsupported file type"),
 ])
 _table("work thrown away", _predict_to_nrrd, [
-    ("std_out_with_one_sample", ("--std-out", "sd.nrrd"), "--std-out needs at least two samples"),
+    ("std_out_with_one_sample", ("--std-out", "sd.nrrd", "--samples", "1"), "--std-out needs at least two samples"),
+    ("std_out_with_the_one_sample_regression_sampler", ("--std-out", "sd.nrrd", "--sampler", "regression"),
+     "--std-out needs at least two samples"),
 ])
 _table("silently wrong", _predict_to_nrrd, [
     ("batch_size_negative", ("--batch-size", "-4"), "--batch-size: -4 is outside"),

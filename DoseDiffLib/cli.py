@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from .errors import DoseDiffError
+from .registry import default_model, model_argument
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "dosediff-openkbp.json"
+DEFAULT_MODEL = default_model()  # a registered name; --model resolves names and card paths
 
 
 def _progress_bar(desc: str):
@@ -39,7 +40,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--out-dicom", type=Path, help="folder for the predicted RTDOSE (with --dicom)")
     p.add_argument("--series-uid", help="CT series to use when the DICOM folder holds several")
     p.add_argument("--std-out", type=Path, help="also write the per-voxel standard deviation (needs --samples > 1)")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model card (.json)")
+    p.add_argument("--model", type=model_argument, default=DEFAULT_MODEL,
+                   help=f"registered model name or model card (.json); default {DEFAULT_MODEL}")
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model card's validated setting)")
     p.add_argument("--samples", type=int, default=1, help="samples averaged (default 1)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random, reported)")
@@ -300,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on an embedded phantom (or --openkbp pt_N) with the bundled model")
     p.add_argument("--out", type=Path, default=Path("dosediff-demo"))
     p.add_argument("--openkbp", type=Path, help="run on this OpenKBP patient instead, and score it")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--model", type=model_argument, default=DEFAULT_MODEL)
     p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model card's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")

@@ -1,0 +1,92 @@
+"""The prediction child process the Slicer module starts: `python -m DoseDiffLib.worker JOB.json`.
+
+It runs the same library calls as `dosediff predict --ct ... --structures ...` (registry,
+load_model, prepare_case, predict_case, write_volume), so Slicer and the command line
+cannot drift apart. Slicer stays responsive because all of it, model loading included,
+happens here. Progress, the result and a failure are reported as one JSON object per
+stdout line after the prefix `DOSEDIFF `; anything else on stdout is ignored by the reader.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+PREFIX = "DOSEDIFF "
+
+
+def emit(event: str, **payload: Any) -> None:
+    """One protocol line; flushed so the parent sees it at once."""
+    sys.stdout.write(PREFIX + json.dumps({"event": event, **payload}) + "\n")
+    sys.stdout.flush()
+
+
+def read_on_own_grid(path: str | Path):
+    """An image as written, without read_volume's reorientation: the dose must come back on the CT node's grid.
+
+    prepare_case takes any orientation and predict_case returns the dose on the CT's own grid,
+    so the Slicer volume's voxels and the dose's voxels coincide one to one.
+    """
+    import SimpleITK as sitk
+
+    from .volume import Volume
+
+    return Volume.from_sitk(sitk.ReadImage(str(path)))
+
+
+def run(job: dict[str, Any]) -> None:
+    """Predict the dose the job file describes and write it where the job says."""
+    emit("progress", done=0, total=0, message="Loading the model")
+    from .modelcard import load_model
+    from .predict import predict_case, prepare_case
+    from .registry import resolve
+    from .runtime import choose_device
+    from .volume import read_structures, write_volume
+
+    device = choose_device(job.get("device", "auto"))
+    model, cfg, card = load_model(resolve(job["model"]), device)
+    emit("progress", done=0, total=0, message="Preparing the CT and structures")
+    inputs = prepare_case(read_on_own_grid(job["ct"]), read_structures(job["structures"]), cfg, job.get("mapping") or None)
+    samples = int(job.get("samples", 1))
+
+    def progress(done: int, total: int, message: str) -> None:
+        emit("progress", done=done, total=total, message=message)
+
+    pred = predict_case(inputs, model, cfg, steps=job.get("steps"), samples=samples, seed=job.get("seed"),
+                        device=device, with_std=bool(job.get("with_std")) and samples > 1, progress=progress)
+    write_volume(pred.dose, job["dose"], overwrite=True)
+    std = None
+    if pred.std is not None:
+        std = str(write_volume(pred.std, job["std"], overwrite=True))
+    info = dict(pred.info, model=card["name"], model_sha256=card["weights"]["sha256"])
+    emit("result", dose=job["dose"], std=std, info=info)
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from .errors import DoseDiffError
+
+    try:
+        run(json.loads(Path(argv[0]).read_text(encoding="utf-8")))
+        return 0
+    except DoseDiffError as exc:
+        emit("error", problem=exc.problem, fix=exc.fix)
+        return 2
+    except Exception as exc:  # reported to the panel; the traceback goes to stderr for the log
+        traceback.print_exc()
+        if _is_out_of_memory(exc):
+            emit("error", problem="The prediction ran out of memory.",
+                 fix="Choose the CPU device, close other programs, or use fewer samples.")
+            return 3
+        emit("error", problem=f"The prediction failed: {type(exc).__name__}: {exc}", fix="See the Python log.")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,19 +36,33 @@ def read_on_own_grid(path: str | Path):
     return Volume.from_sitk(sitk.ReadImage(str(path)))
 
 
+def read_masks(folder: str | Path) -> dict[str, Any]:
+    """The segment masks the module wrote (names.json + one NRRD each), each on the CT's own grid."""
+    folder = Path(folder)
+    names = json.loads((folder / "names.json").read_text(encoding="utf-8"))
+    out = {}
+    for i, name in enumerate(names):
+        vol = read_on_own_grid(folder / f"mask_{i:03d}.nrrd")
+        out[name] = vol.with_array((vol.array != 0).astype("uint8"))
+    return out
+
+
 def run(job: dict[str, Any]) -> None:
     """Predict the dose the job file describes and write it where the job says."""
     emit("progress", done=0, total=0, message="Loading the model")
     from .modelcard import load_model
-    from .predict import predict_case, prepare_case
+    from .predict import body_from_ct, predict_case, prepare_case
     from .registry import resolve
+    from .rois import BODY
     from .runtime import choose_device
-    from .volume import read_structures, write_volume
+    from .volume import write_volume
 
     device = choose_device(job.get("device", "auto"))
     model, cfg, card = load_model(resolve(job["model"]), device)
     emit("progress", done=0, total=0, message="Preparing the CT and structures")
-    inputs = prepare_case(read_on_own_grid(job["ct"]), read_structures(job["structures"]), cfg, job.get("mapping") or None)
+    ct = read_on_own_grid(job["ct"])
+    masks = read_masks(job["structures"])
+    inputs = prepare_case(ct, masks, cfg, job.get("mapping") or None)
     samples = int(job.get("samples", 1))
 
     def progress(done: int, total: int, message: str) -> None:
@@ -56,12 +70,18 @@ def run(job: dict[str, Any]) -> None:
 
     pred = predict_case(inputs, model, cfg, steps=job.get("steps"), samples=samples, seed=job.get("seed"),
                         device=device, with_std=bool(job.get("with_std")) and samples > 1, progress=progress)
-    write_volume(pred.dose, job["dose"], overwrite=True)
-    std = None
-    if pred.std is not None:
-        std = str(write_volume(pred.std, job["std"], overwrite=True))
+    dose, std = pred.dose, pred.std
+    if inputs.output_grid is not None:
+        # predict_case masks the body on the axial grid and then resamples; on an oblique CT that
+        # interpolation reaches past the body, so the body is applied again on the CT's own grid.
+        body_name = inputs.matched.get(BODY)
+        body = masks[body_name].array if body_name else body_from_ct(ct)
+        dose = dose.with_array(dose.array * (body > 0))
+        std = std.with_array(std.array * (body > 0)) if std is not None else None
+    write_volume(dose, job["dose"], overwrite=True)
+    std_path = str(write_volume(std, job["std"], overwrite=True)) if std is not None else None
     info = dict(pred.info, model=card["name"], model_sha256=card["weights"]["sha256"])
-    emit("result", dose=job["dose"], std=std, info=info)
+    emit("result", dose=job["dose"], std=std_path, info=info)
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:

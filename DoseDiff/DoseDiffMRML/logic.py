@@ -155,7 +155,7 @@ class DoseDiffMRMLLogic:
         """Write the CT and masks to a temporary folder and start DoseDiffLib.worker on them."""
         import DoseDiffLib
         from DoseDiffLib.registry import resolve
-        from DoseDiffLib.volume import write_segmentation, write_volume
+        from DoseDiffLib.volume import write_volume
 
         if ct_node is None or segmentation_node is None:
             raise DoseDiffError("Select a CT volume and a segmentation.", "Choose both inputs first.")
@@ -164,8 +164,12 @@ class DoseDiffMRMLLogic:
         try:
             ct = volume_from_node(ct_node)
             write_volume(ct, folder / "ct.nrrd")
-            write_segmentation(segment_masks(segmentation_node, ct_node), folder / "structures.seg.nrrd")
-            job = {"ct": str(folder / "ct.nrrd"), "structures": str(folder / "structures.seg.nrrd"),
+            masks = segment_masks(segmentation_node, ct_node)
+            (folder / "masks").mkdir()
+            for i, mask in enumerate(masks.values()):  # NRRD per mask: the worker reads them on the CT's grid
+                write_volume(mask, folder / "masks" / f"mask_{i:03d}.nrrd")
+            (folder / "masks" / "names.json").write_text(json.dumps(list(masks)), encoding="utf-8")
+            job = {"ct": str(folder / "ct.nrrd"), "structures": str(folder / "masks"),
                    "model": str(card), "mapping": mapping or None, "device": device, "steps": steps,
                    "samples": samples, "seed": seed, "with_std": with_std,
                    "dose": str(folder / "dose.nrrd"), "std": str(folder / "dose_sd.nrrd")}

@@ -8,7 +8,14 @@ imported when Slicer starts: prediction runs in a child process.
 """
 import logging
 import pathlib
+import sys
 from typing import Annotated
+
+MIN_SLICER = "5.10"  # first Slicer on Python 3.12; DoseDiffLib and the parameter-node code need 3.10+
+MIN_PYTHON = (3, 10)
+if sys.version_info < MIN_PYTHON:
+    raise ImportError(f"DoseDiff needs 3D Slicer {MIN_SLICER} or newer (Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+); "
+                      f"this Slicer runs Python {sys.version_info[0]}.{sys.version_info[1]}. Install a newer Slicer.")
 
 import qt
 import slicer

@@ -152,3 +152,21 @@ def test_cancelled_prediction_leaves_scene_and_temp_folder_clean(test_card):
     assert [e.kind for e in run.process.wait_events(5)][-1] == "cancelled"
     run.close()
     assert scene.GetNumberOfNodes() == n_nodes and dosediff_temp_dirs() == temps
+
+
+def test_a_result_for_a_ct_removed_meanwhile_is_dropped_cleanly(test_card):
+    """Closing the scene mid-run: the result must not land in the new scene, and the files go."""
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core MRML not available")
+    from DoseDiffLib.errors import DoseDiffError
+    from DoseDiffMRML.logic import DoseDiffMRMLLogic
+
+    scene, node, seg, *_ = make_scene()
+    logic = DoseDiffMRMLLogic()
+    run = logic.start_prediction(node, seg, str(test_card), steps=1)
+    result = next(e for e in run.process.wait_events(120) if e.kind == "result")
+    scene.RemoveNode(node)
+    n_nodes = scene.GetNumberOfNodes()
+    with pytest.raises(DoseDiffError, match="removed"):
+        logic.load_result(run, result.data)
+    assert scene.GetNumberOfNodes() == n_nodes and not run.folder.exists()

@@ -42,7 +42,8 @@ class DoseDiff(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("DoseDiff")
         self.parent.categories = [_("Radiotherapy")]
-        self.parent.dependencies = []  # SlicerRT and PyTorch are optional at start-up; see README
+        # SlicerRT is optional (isodose, DVH, gamma); PyTorch comes with the extension and is used only on "Predict"
+        self.parent.dependencies = []
         self.parent.contributors = ["DoseDiff developers"]
         self.parent.helpText = _(
             "Predicts the dose distribution from a planning CT and its targets and organs at risk with a "

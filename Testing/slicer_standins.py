@@ -85,6 +85,35 @@ class QWidget:
         return found
 
 
+class NotifyingProperty:
+    """A Qt property whose change emits the widget's signal (as textChanged, stateChanged, ...)."""
+
+    def __init__(self, signal: str, default, convert=lambda widget, v: v, emitted=lambda v: v) -> None:
+        self.signal, self.default, self.convert, self.emitted = signal, default, convert, emitted
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.slot = "_" + name
+
+    def __get__(self, widget, owner=None):
+        return self if widget is None else widget.__dict__.get(self.slot, self.default)
+
+    def __set__(self, widget, value) -> None:
+        value = self.convert(widget, value)
+        if value != self.__get__(widget):
+            widget.__dict__[self.slot] = value
+            widget.__dict__.setdefault(self.signal, Signal()).emit(self.emitted(value))
+
+
+class NotifyingWidget(QWidget):
+    """Creates the signals its NotifyingProperty attributes emit."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        for attr in type(self).__dict__.values():
+            if isinstance(attr, NotifyingProperty):
+                self.__dict__.setdefault(attr.signal, Signal())
+
+
 class QLabel(QWidget):
     pass
 
@@ -113,69 +142,46 @@ class QColor:
     pass
 
 
-class QSpinBox(QWidget):
+class QSpinBox(NotifyingWidget):
     """Qt's defaults (0..99), clamping and valueChanged only on a change."""
+
+    value = NotifyingProperty("valueChanged", 0, lambda w, v: min(max(int(v), w._min), w._max))
+    minimum = property(lambda self: self._min, lambda self, v: self.setMinimum(v))
+    maximum = property(lambda self: self._max, lambda self, v: self.setMaximum(v))
 
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.valueChanged = Signal()
-        self._min, self._max, self._value = 0, 99, 0
-
-    @property
-    def minimum(self) -> int:
-        return self._min
-
-    @minimum.setter
-    def minimum(self, v: int) -> None:
-        self.setMinimum(v)
-
-    @property
-    def maximum(self) -> int:
-        return self._max
-
-    @maximum.setter
-    def maximum(self, v: int) -> None:
-        self.setMaximum(v)
+        self._min, self._max = 0, 99
 
     def setMinimum(self, v: int) -> None:
         self._min = int(v)
         self._max = max(self._max, self._min)
-        self.value = self._value
+        self.value = self.value
 
     def setMaximum(self, v: int) -> None:
         self._max = int(v)
         self._min = min(self._min, self._max)
-        self.value = self._value
+        self.value = self.value
 
     def setRange(self, lo: int, hi: int) -> None:
         self.setMinimum(lo)
         self.setMaximum(hi)
 
-    @property
-    def value(self) -> int:
-        return self._value
 
-    @value.setter
-    def value(self, v: int) -> None:
-        v = min(max(int(v), self._min), self._max)
-        if v != self._value:
-            self._value = v
-            self.valueChanged.emit(v)
+class QComboBox(NotifyingWidget):
+    currentIndex = NotifyingProperty("currentIndexChanged", -1)
 
-
-class QComboBox(QWidget):
     def __init__(self, parent=None) -> None:
         super().__init__(parent)
-        self.currentIndexChanged = Signal()
         self._items: list[str] = []
-        self._index = -1
 
     def clear(self) -> None:
-        self._items, self._index = [], -1
+        self._items = []
+        self.__dict__["_currentIndex"] = -1  # Qt's clear() resets the index
 
     def addItem(self, text: str) -> None:
         self._items.append(str(text))
-        if self._index < 0:
+        if self.currentIndex < 0:
             self.currentIndex = 0
 
     def count(self) -> int:
@@ -185,73 +191,24 @@ class QComboBox(QWidget):
         return self._items[i]
 
     @property
-    def currentIndex(self) -> int:
-        return self._index
-
-    @currentIndex.setter
-    def currentIndex(self, i: int) -> None:
-        if i != self._index:
-            self._index = i
-            self.currentIndexChanged.emit(i)
-
-    @property
     def currentText(self) -> str:
-        return self._items[self._index] if self._index >= 0 else ""
+        return self._items[self.currentIndex] if self.currentIndex >= 0 else ""
 
 
-class QLineEdit(QWidget):
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        self.textChanged = Signal()
-        self._text = ""
-
-    @property
-    def text(self) -> str:
-        return self._text
-
-    @text.setter
-    def text(self, v: str) -> None:
-        if v != self._text:
-            self._text = v
-            self.textChanged.emit(v)
+class QLineEdit(NotifyingWidget):
+    text = NotifyingProperty("textChanged", "")
 
 
-class QCheckBox(QWidget):
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        self.stateChanged = Signal()
-        self._checked = False
-
-    @property
-    def checked(self) -> bool:
-        return self._checked
-
-    @checked.setter
-    def checked(self, v: bool) -> None:
-        if bool(v) != self._checked:
-            self._checked = bool(v)
-            self.stateChanged.emit(2 if v else 0)
+class QCheckBox(NotifyingWidget):
+    checked = NotifyingProperty("stateChanged", False, lambda w, v: bool(v), lambda v: 2 if v else 0)
 
 
 class ctkCollapsibleButton(QWidget):
     pass
 
 
-class ctkPathLineEdit(QWidget):
-    def __init__(self, parent=None) -> None:
-        super().__init__(parent)
-        self.currentPathChanged = Signal()
-        self._path = ""
-
-    @property
-    def currentPath(self) -> str:
-        return self._path
-
-    @currentPath.setter
-    def currentPath(self, v: str) -> None:
-        if v != self._path:
-            self._path = v
-            self.currentPathChanged.emit(v)
+class ctkPathLineEdit(NotifyingWidget):
+    currentPath = NotifyingProperty("currentPathChanged", "")
 
 
 class qMRMLWidget(QWidget):

@@ -321,14 +321,17 @@ class DoseDiffLogic(ScriptedLoadableModuleLogic):
                 return problem + " Restart Slicer after the installation."
         missing = dependencies.missing_packages()
         if missing:
-            if not slicer.util.confirmOkCancelDisplay(f"DoseDiff needs {', '.join(missing)}. Install now?"):
+            ensure = getattr(getattr(slicer, "packaging", None), "pip_ensure", None)  # Slicer >= 5.11 asks itself
+            if ensure is None and not slicer.util.confirmOkCancelDisplay(f"DoseDiff needs {', '.join(missing)}. "
+                                                                         "Install now?"):
                 return f"Missing Python packages: {', '.join(missing)}."
-            ensure = getattr(getattr(slicer, "packaging", None), "pip_ensure", None)
             try:
-                for name in missing:
-                    ensure([name]) if ensure else slicer.util.pip_install(name)
+                ensure(missing, requester="DoseDiff") if ensure else slicer.util.pip_install(missing)
             except Exception as exc:
                 return f"Installing {', '.join(missing)} failed: {exc}"
+            still = dependencies.missing_packages()
+            if still:
+                return f"Missing Python packages: {', '.join(still)}."
         return ""
 
 

@@ -201,11 +201,14 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.ui.statusLabel.text = event.data["message"]
             elif event.kind == "result":
                 self._loadResult(event.data)
+                return
             elif event.kind == "error":
                 self._finish(_("Prediction failed; the scene is unchanged.\n") + event.data["problem"]
                              + (f"\n{event.data['fix']}" if event.data.get("fix") else ""))
+                return
             elif event.kind == "cancelled":
                 self._finish(_("Cancelled; the scene is unchanged."))
+                return
 
     def _loadResult(self, result: dict) -> None:
         p = self._parameterNode

@@ -170,3 +170,14 @@ def test_a_result_for_a_ct_removed_meanwhile_is_dropped_cleanly(test_card):
     with pytest.raises(DoseDiffError, match="removed"):
         logic.load_result(run, result.data)
     assert scene.GetNumberOfNodes() == n_nodes and not run.folder.exists()
+
+
+def test_a_result_that_races_the_cancel_is_dropped(tmp_path):
+    proc = child(tmp_path, f"""
+        print({PREFIX!r} + '{{"event": "result", "dose": "d.nrrd", "std": null, "info": {{}}}}', flush=True)
+    """)
+    deadline = time.monotonic() + 20
+    while proc._proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.cancel()  # the user clicked Cancel as the child finished
+    assert [e.kind for e in proc.wait_events(5)] == ["cancelled"]

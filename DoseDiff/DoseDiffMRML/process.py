@@ -100,8 +100,8 @@ class ChildProcess:
         if self._finished and self._proc is not None:
             code = self._proc.wait()
             self._log.close()
-            if self.cancelled:
-                events.append(Event("cancelled"))
+            if self.cancelled:  # a result that raced the cancel is dropped: the user asked for no change
+                events = [e for e in events if e.kind == "progress"] + [Event("cancelled")]
             elif not self._reported:
                 events.append(Event("error", {"problem": describe_exit(code), "fix": self.log_tail()}))
             elif code != 0 and not any(e.kind == "error" for e in events):

@@ -63,3 +63,17 @@ def test_an_oblique_ct_gets_its_dose_on_its_own_grid_and_nothing_outside_the_bod
     body = segment_masks(seg, ct)["BODY"].array
     assert dose.shape == body.shape and dose.max() > 0
     assert float(dose[body == 0].max()) == 0.0
+
+
+def test_a_segmentation_under_its_own_transform_is_exported_where_it_is_shown():
+    """Slicer's export applies the segmentation's parent transform: masks follow what the user sees."""
+    scene, ct, seg, *_ = make_scene()
+    before = segment_masks(seg, ct)["Mandible"].array
+    shift = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(2, 3, 30.0)  # 30 mm superior = 10 slices of 3 mm (this CT's k axis points inferior)
+    shift.SetMatrixTransformToParent(m)
+    seg.SetAndObserveTransformNodeID(shift.GetID())
+    after = segment_masks(seg, ct)["Mandible"].array
+    assert after.sum() == before.sum()
+    assert np.argwhere(after)[:, 0].mean() == pytest.approx(np.argwhere(before)[:, 0].mean() - 10)

@@ -73,3 +73,15 @@ def test_extension_layout_from_cmake_finds_the_bundled_model(tmp_path):
     for f in (REPO / "Resources" / "Models").iterdir():
         shutil.copy(f, tmp_path / "Resources" / "Models")
     assert Path(_resolve_in(tmp_path)) == tmp_path / "Resources" / "Models" / "dosediff-openkbp.json"
+
+
+def test_the_module_offers_registry_models_first_and_survives_a_broken_registry(monkeypatch, tmp_path):
+    sys.path.insert(0, str(REPO / "DoseDiff"))
+    from DoseDiffMRML.logic import CUSTOM_MODEL, model_choices
+
+    assert model_choices() == [registry.default_model()] + [n for n in registry.model_names()
+                                                            if n != registry.default_model()] + [CUSTOM_MODEL]
+    broken = tmp_path / "Models.json"
+    broken.write_text("{not json")
+    monkeypatch.setenv("DOSEDIFF_MODELS", str(broken))
+    assert model_choices() == [CUSTOM_MODEL]

@@ -42,7 +42,7 @@ def model_choices() -> list[str]:
     try:
         names = model_names()
         first = default_model()
-    except DoseDiffError:
+    except (DoseDiffError, OSError, ValueError, KeyError):  # a broken registry must not stop Slicer loading us
         return [CUSTOM_MODEL]
     return [first] + [n for n in names if n != first] + [CUSTOM_MODEL]
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])

@@ -85,3 +85,11 @@ def test_the_module_offers_registry_models_first_and_survives_a_broken_registry(
     broken.write_text("{not json")
     monkeypatch.setenv("DOSEDIFF_MODELS", str(broken))
     assert model_choices() == [CUSTOM_MODEL]
+
+
+def test_the_registry_file_follows_its_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    import json
+
+    schema = json.loads((REPO / "Resources" / "Models.schema.json").read_text())
+    jsonschema.validate(json.loads((REPO / "Resources" / "Models.json").read_text()), schema)

@@ -31,7 +31,10 @@ def describe_exit(returncode: int) -> str:
     """Why a child ended without reporting, in words a user can act on."""
     if returncode < 0:
         sig = -returncode
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
         hint = " The system may have run out of memory." if sig == getattr(signal, "SIGKILL", 9) else ""
         return f"The prediction process was killed ({name}).{hint}"
     return f"The prediction process stopped unexpectedly (exit code {returncode})."

@@ -64,7 +64,7 @@ class DoseDiffParameterNode:
     roiMapping: str = "{}"
     device: Annotated[str, Choice(DEVICES)] = "auto"
     steps: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the model card's validated setting
-    samples: Annotated[int, WithinRange(1, 32)] = 1
+    samples: Annotated[int, WithinRange(0, 32)] = 0  # 0: the model card's validated setting
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     uncertainty: bool = False
 
@@ -183,7 +183,7 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("The prediction could not start."), waitCursor=True):
             self._run = self.logic.mrml.start_prediction(
                 p.inputVolume, p.segmentation, chosen_model(p), self._mapping(), p.device, p.steps or None,
-                p.samples, p.seed, p.uncertainty)
+                p.samples or None, p.seed, p.uncertainty)
             self.ui.progressBar.maximum = 0  # busy until the first step is reported
             self.ui.statusLabel.text = _("Starting the prediction process...")
             self._timer.start()

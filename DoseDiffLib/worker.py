@@ -63,13 +63,14 @@ def run(job: dict[str, Any]) -> None:
     ct = read_on_own_grid(job["ct"])
     masks = read_masks(job["structures"])
     inputs = prepare_case(ct, masks, cfg, job.get("mapping") or None)
-    samples = int(job.get("samples", 1))
+    # steps/samples left out (None) mean the model card's validated sampler, as on the command line
+    sampler = {k: int(job[k]) for k in ("steps", "samples") if job.get(k)}
 
     def progress(done: int, total: int, message: str) -> None:
         emit("progress", done=done, total=total, message=message)
 
-    pred = predict_case(inputs, model, cfg, steps=job.get("steps"), samples=samples, seed=job.get("seed"),
-                        device=device, with_std=bool(job.get("with_std")) and samples > 1, progress=progress)
+    pred = predict_case(inputs, model, cfg, **sampler, seed=job.get("seed"), device=device,
+                        with_std=bool(job.get("with_std")), progress=progress)
     dose, std = pred.dose, pred.std
     if inputs.output_grid is not None:
         # predict_case masks the body on the axial grid and then resamples; on an oblique CT that

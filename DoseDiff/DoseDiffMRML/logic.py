@@ -150,7 +150,7 @@ class DoseDiffMRMLLogic:
             return {}
 
     def start_prediction(self, ct_node, segmentation_node, model: str, mapping: dict[str, str | None] | None = None,
-                         device: str = "auto", steps: int | None = None, samples: int = 1, seed: int | None = 0,
+                         device: str = "auto", steps: int | None = None, samples: int | None = None, seed: int | None = 0,
                          with_std: bool = False) -> PredictionRun:
         """Write the CT and masks to a temporary folder and start DoseDiffLib.worker on them."""
         import DoseDiffLib
@@ -211,7 +211,7 @@ class DoseDiffMRMLLogic:
             run.close()
 
     def predict(self, ct_node, segmentation_node, model: str, mapping: dict[str, str | None] | None = None,
-                device: str = "auto", steps: int | None = None, samples: int = 1, seed: int | None = 0,
+                device: str = "auto", steps: int | None = None, samples: int | None = None, seed: int | None = 0,
                 with_std: bool = False, progress: Callable[[int, int, str], "bool | None"] | None = None,
                 timeout_s: float = 3600.0) -> PredictionResult:
         """The same child process, waited for: for scripts, the module's self-test and tests."""

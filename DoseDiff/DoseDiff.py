@@ -1,28 +1,40 @@
 """DoseDiff: predict a radiotherapy dose distribution inside 3D Slicer.
 
-Module (metadata), Widget (binds the .ui to the parameter node), Logic (scene work,
-delegated to DoseDiffMRML so it is testable without the application) and Test.
-Research and planning guidance only: not a treatment planning system dose calculation.
+Module (metadata), Widget (binds the .ui to the parameter node and polls the prediction
+process), Logic (dependencies and parameter node; the scene work is in DoseDiffMRML so it
+is testable without the application) and Test. Research and planning guidance only: not
+a treatment planning system dose calculation. Nothing heavy (torch, SimpleITK) is
+imported when Slicer starts: prediction runs in a child process.
 """
-import json
 import logging
-import os
+import pathlib
+import sys
+from typing import Annotated
+
+MIN_SLICER = "5.10"  # first Slicer on Python 3.12; DoseDiffLib and the parameter-node code need 3.10+
+MIN_PYTHON = (3, 10)
+if sys.version_info < MIN_PYTHON:
+    raise ImportError(f"DoseDiff needs 3D Slicer {MIN_SLICER} or newer (Python {MIN_PYTHON[0]}.{MIN_PYTHON[1]}+); "
+                      f"this Slicer runs Python {sys.version_info[0]}.{sys.version_info[1]}. Install a newer Slicer.")
 
 import qt
 import slicer
 import vtk
 from slicer.i18n import tr as _
-from slicer.parameterNodeWrapper import parameterNodeWrapper
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
                                            ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
 from slicer.util import VTKObservationMixin
 
-from DoseDiffMRML.logic import DoseDiffMRMLLogic, has_slicerrt
+from DoseDiffMRML import dependencies
+from DoseDiffMRML.logic import CUSTOM_MODEL, DoseDiffMRMLLogic, has_slicerrt, model_choices
 
 DISCLAIMER = ("For research and planning guidance only. DoseDiff predicts a dose typical of the plans it was "
               "trained on (OpenKBP: head and neck, 9-field IMRT, 70/63/56 Gy); it is not a treatment planning "
               "system dose calculation.")
-PYTHON_PACKAGES = ("safetensors", "tqdm", "matplotlib", "scipy", "SimpleITK", "pydicom")
+MODEL_CHOICES = model_choices()
+DEVICES = ["auto", "cpu", "cuda", "mps"]
+POLL_MS = 200
 
 
 class DoseDiff(ScriptedLoadableModule):
@@ -30,7 +42,8 @@ class DoseDiff(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = _("DoseDiff")
         self.parent.categories = [_("Radiotherapy")]
-        self.parent.dependencies = []  # SlicerRT is used when present
+        # SlicerRT is optional (isodose, DVH, gamma); PyTorch comes with the extension and is used only on "Predict"
+        self.parent.dependencies = []
         self.parent.contributors = ["DoseDiff developers"]
         self.parent.helpText = _(
             "Predicts the dose distribution from a planning CT and its targets and organs at risk with a "
@@ -39,28 +52,29 @@ class DoseDiff(ScriptedLoadableModule):
             "Trained on OpenKBP (Babier et al., Med. Phys. 2021). Uses SlicerRT for isodose, DVH and gamma.")
 
 
-def model_path_default() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.path.join(here, "Resources", "Models", "dosediff-openkbp.json"),
-                      os.path.join(here, "..", "Resources", "Models", "dosediff-openkbp.json")):
-        if os.path.exists(candidate):
-            return os.path.normpath(candidate)
-    return ""
-
-
 @parameterNodeWrapper
 class DoseDiffParameterNode:
+    """The module's state in the scene. The model is stored by its registry name, never as a path."""
     inputVolume: slicer.vtkMRMLScalarVolumeNode
     segmentation: slicer.vtkMRMLSegmentationNode
     planDose: slicer.vtkMRMLScalarVolumeNode
     outputDose: slicer.vtkMRMLScalarVolumeNode
-    modelPath: str = ""
+    model: Annotated[str, Choice(MODEL_CHOICES)] = MODEL_CHOICES[0]
+    modelCard: pathlib.Path  # only read when model is CUSTOM_MODEL
     roiMapping: str = "{}"
-    device: str = "auto"
-    steps: int = 0          # 0: the model card's validated setting
-    samples: int = 1
-    seed: int = 0
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    steps: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the model card's validated setting
+    samples: Annotated[int, WithinRange(0, 32)] = 0  # 0: the model card's validated setting
+    seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
     uncertainty: bool = False
+
+
+def chosen_model(p: DoseDiffParameterNode) -> str:
+    """What the child process resolves: a registry name, or the custom card's path."""
+    card = str(p.modelCard)
+    if p.model != CUSTOM_MODEL:
+        return p.model
+    return card if card not in ("", ".") else ""
 
 
 class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -70,8 +84,8 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._running = False
-        self._cancel = False
+        self._run = None
+        self._timer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -82,8 +96,11 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = DoseDiffLogic()
         self.ui.disclaimerLabel.text = DISCLAIMER
         self.ui.slicerRTLabel.text = ("SlicerRT found: isodose, DVH chart and gamma available." if has_slicerrt()
-                                      else "SlicerRT not installed: prediction works; isodose lines, DVH chart "
-                                           "and gamma need SlicerRT (Extensions Manager).")
+                                      else "SlicerRT not installed: prediction and RTDOSE export of DICOM CTs work; "
+                                           "isodose lines, DVH chart and gamma need SlicerRT (Extensions Manager).")
+        self._timer = qt.QTimer()
+        self._timer.setInterval(POLL_MS)
+        self._timer.connect("timeout()", self._poll)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
@@ -93,6 +110,7 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
+        self._stop(_("Stopped: the module was closed."))
         self.removeObservers()
 
     def enter(self) -> None:
@@ -105,6 +123,8 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._checkCanApply)
 
     def onSceneStartClose(self, caller, event) -> None:
+        """A running prediction belongs to the closing scene: stop it before its nodes go."""
+        self._stop(_("Cancelled: the scene was closed."))
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -113,11 +133,9 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if not self._parameterNode.modelPath:
-            self._parameterNode.modelPath = model_path_default()
         if not self._parameterNode.inputVolume:
             first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
-            if first:
+            if first and first.GetAttribute("DicomRtImport.DoseVolume") != "1":
                 self._parameterNode.inputVolume = first
 
     def setParameterNode(self, inputParameterNode) -> None:
@@ -132,68 +150,136 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _checkCanApply(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        ready = bool(p and p.inputVolume and p.segmentation and p.modelPath)
-        self.ui.applyButton.enabled = ready or self._running
-        self.ui.applyButton.text = _("Cancel") if self._running else _("Predict dose")
-        self.ui.compareButton.enabled = bool(p and p.outputDose and p.planDose and p.segmentation)
-        self.ui.exportButton.enabled = bool(p and p.outputDose and p.inputVolume)
+        running = self._run is not None
+        ready = bool(p and p.inputVolume and p.segmentation and chosen_model(p))
+        self.ui.applyButton.enabled = ready or running
+        self.ui.applyButton.text = _("Cancel") if running else _("Predict dose")
+        self.ui.modelPathLineEdit.enabled = bool(p and p.model == CUSTOM_MODEL)
+        self.ui.compareButton.enabled = bool(p and p.outputDose and p.planDose and p.segmentation) and not running
+        self.ui.exportButton.enabled = bool(p and p.outputDose and p.inputVolume) and not running
+
+    def _mapping(self):
+        import json
+
+        return json.loads(self._parameterNode.roiMapping or "{}") or None
 
     def onSuggestMapping(self) -> None:
-        p = self._parameterNode
-        if p.segmentation and p.modelPath:
-            p.roiMapping = json.dumps(self.logic.mrml.suggest_mapping(p.segmentation, p.modelPath), indent=1)
+        import json
 
-    def _progress(self, done: int, total: int, message: str):
-        self.ui.progressBar.maximum = total
-        self.ui.progressBar.value = done
-        self.ui.statusLabel.text = message
-        slicer.app.processEvents()  # keeps Slicer responsive between network calls
-        return not self._cancel
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Segment names could not be matched."), waitCursor=True):
+            if p.segmentation and chosen_model(p):
+                p.roiMapping = json.dumps(self.logic.mrml.suggest_mapping(p.segmentation, chosen_model(p)))
 
     def onApplyButton(self) -> None:
-        if self._running:
-            self._cancel = True
+        if self._run is not None:
+            self._run.process.cancel()  # the next poll reports it and cleans up
             return
-        if not self.logic.ensureDependencies():
+        problem = self.logic.ensureDependencies()
+        if problem:
+            self.ui.statusLabel.text = problem
             return
         p = self._parameterNode
-        self._running, self._cancel = True, False
+        with slicer.util.tryWithErrorDisplay(_("The prediction could not start."), waitCursor=True):
+            self._run = self.logic.mrml.start_prediction(
+                p.inputVolume, p.segmentation, chosen_model(p), self._mapping(), p.device, p.steps or None,
+                p.samples or None, p.seed, p.uncertainty)
+            self.ui.progressBar.maximum = 0  # busy until the first step is reported
+            self.ui.statusLabel.text = _("Starting the prediction process...")
+            self._timer.start()
         self._checkCanApply()
-        try:
-            mapping = json.loads(p.roiMapping or "{}") or None
-            result = self.logic.mrml.predict(p.inputVolume, p.segmentation, p.modelPath, mapping, p.device,
-                                             p.steps or None, p.samples, p.seed, p.uncertainty, self._progress)
-            p.outputDose = result.dose_node
-            slicer.util.setSliceViewerLayers(background=p.inputVolume, foreground=result.dose_node,
-                                             foregroundOpacity=0.5)
-            self.logic.mrml.create_isodose(result.dose_node)
-            warnings = "\n".join(result.info.get("warnings", []))
-            self.ui.statusLabel.text = (f"Done in {result.info['seconds_sampling']:.0f} s (seed {result.info['seed']})."
-                                        + (f"\n{warnings}" if warnings else ""))
-        except Exception as exc:  # shown to the user; the scene is unchanged
-            from DoseDiffLib.errors import Cancelled
 
-            if isinstance(exc, Cancelled):
-                self.ui.statusLabel.text = _("Cancelled; the scene is unchanged.")
-            else:
-                logging.exception("DoseDiff prediction failed")
-                slicer.util.errorDisplay(str(exc), windowTitle="DoseDiff")
-        finally:
-            self._running = False
-            self._checkCanApply()
+    def _poll(self) -> None:
+        """Runs on the QTimer: reads the child's progress lines; Slicer never blocks on the child."""
+        if self._run is None:
+            self._timer.stop()
+            return
+        for event in self._run.process.poll():
+            if event.kind == "progress":
+                self.ui.progressBar.maximum = event.data["total"]
+                self.ui.progressBar.value = event.data["done"]
+                self.ui.statusLabel.text = event.data["message"]
+            elif event.kind == "result":
+                self._loadResult(event.data)
+                return
+            elif event.kind == "error":
+                self._finish(_("Prediction failed; the scene is unchanged.\n") + event.data["problem"]
+                             + (f"\n{event.data['fix']}" if event.data.get("fix") else ""))
+                return
+            elif event.kind == "cancelled":
+                self._finish(_("Cancelled; the scene is unchanged."))
+                return
+
+    def _loadResult(self, result: dict) -> None:
+        p = self._parameterNode
+        run, self._run = self._run, None
+        self._timer.stop()
+        try:
+            loaded = self.logic.mrml.load_result(run, result)
+        except Exception as exc:
+            logging.exception("DoseDiff: loading the result failed")
+            self._finish(_("Loading the predicted dose failed: ") + str(exc))
+            return
+        p.outputDose = loaded.dose_node
+        slicer.util.setSliceViewerLayers(background=run.ct_node, foreground=loaded.dose_node, foregroundOpacity=0.5)
+        notes = list(loaded.info.get("warnings", []))
+        try:
+            self.logic.mrml.create_isodose(loaded.dose_node)
+        except Exception as exc:  # isodose is a display aid; the dose is loaded
+            notes.append(f"Isodose surfaces failed: {exc}")
+        self._finish(f"Done in {loaded.info['seconds_sampling']:.0f} s (seed {loaded.info['seed']})."
+                     + ("\n" + "\n".join(notes) if notes else ""))
+
+    def _finish(self, message: str) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        if self._run is not None:
+            self._run.close()
+            self._run = None
+        self.ui.progressBar.maximum = 100
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = message
+        self._checkCanApply()
+
+    def _stop(self, message: str) -> None:
+        if self._run is not None:
+            self._finish(message)
 
     def onCompareButton(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay(_("Comparison failed."), waitCursor=True):
-            mapping = json.loads(p.roiMapping or "{}") or None
-            table, scores = self.logic.mrml.compare(p.outputDose, p.planDose, p.segmentation, mapping)
-            self.logic.mrml.dvh_chart([p.planDose, p.outputDose], p.segmentation)
-            gamma = self.logic.mrml.gamma(p.outputDose, p.planDose)
-            slicer.app.layoutManager().setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
-            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
-            slicer.app.applicationLogic().PropagateTableSelection()
-            self.ui.statusLabel.text = (f"Dose score {scores['dose_score']:.2f} Gy, DVH score {scores['dvh_score']:.2f} Gy"
-                                        + (f", gamma 3%/3mm {gamma:.1f} %" if gamma is not None else ""))
+            table, scores = self.logic.mrml.compare(p.outputDose, p.planDose, p.segmentation, self._mapping())
+            lines = [f"Dose score {scores['dose_score']:.2f} Gy, DVH score {scores['dvh_score']:.2f} Gy"]
+            chart = None
+            try:
+                dvh = self.logic.mrml.dvh_chart([p.planDose, p.outputDose], p.segmentation)
+                if dvh is not None:
+                    chart = dvh.chart if dvh.curves else None
+                    lines += dvh.notes
+            except Exception as exc:  # the DVH chart is one view; gamma still runs
+                logging.exception("DoseDiff: DVH chart failed")
+                lines.append(f"DVH chart failed: {exc}")
+            try:
+                gamma = self.logic.mrml.gamma(p.outputDose, p.planDose)
+                if gamma is not None:
+                    lines[0] += f", gamma 3%/3mm {gamma:.1f} %"
+            except Exception as exc:
+                lines.append(f"Gamma failed: {exc}")
+            self._showComparison(table, chart)
+            self.ui.statusLabel.text = "\n".join(lines)
+
+    @staticmethod
+    def _showComparison(table, chart) -> None:
+        """A layout with the table and, when there is one, the DVH plot."""
+        layout = (slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpPlotTableView if chart is not None
+                  else slicer.vtkMRMLLayoutNode.SlicerLayoutFourUpTableView)
+        slicer.app.layoutManager().setLayout(layout)
+        selection = slicer.app.applicationLogic().GetSelectionNode()
+        selection.SetActiveTableID(table.GetID())
+        slicer.app.applicationLogic().PropagateTableSelection()
+        if chart is not None:
+            selection.SetActivePlotChartID(chart.GetID())
+            slicer.app.applicationLogic().PropagatePlotChartSelection()
 
     def onExportButton(self) -> None:
         p = self._parameterNode
@@ -201,8 +287,8 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not folder:
             return
         with slicer.util.tryWithErrorDisplay(_("RTDOSE export failed."), waitCursor=True):
-            path = self.logic.exportRTDose(p.outputDose, p.inputVolume, folder)
-            self.ui.statusLabel.text = f"Wrote {path}"
+            written, message = self.logic.mrml.export_rtdose(p.outputDose, p.inputVolume, folder)
+            self.ui.statusLabel.text = f"{message}\nWrote {written}"
 
 
 class DoseDiffLogic(ScriptedLoadableModuleLogic):
@@ -215,57 +301,41 @@ class DoseDiffLogic(ScriptedLoadableModuleLogic):
     def getParameterNode(self):
         return DoseDiffParameterNode(super().getParameterNode())
 
-    def ensureDependencies(self) -> bool:
-        """PyTorch through the PyTorch extension (with confirmation), the rest through pip."""
-        try:
-            import torch  # noqa: F401
-        except ImportError:
+    def ensureDependencies(self) -> str:
+        """PyTorch through the PyTorch extension, the rest through pip; "" when ready, else what is wrong."""
+        problem = dependencies.torch_problem(dependencies.installed_version("torch"))
+        if problem:
             try:
                 import PyTorchUtils
             except ImportError:
-                slicer.util.errorDisplay("DoseDiff needs PyTorch: install the PyTorch extension from the "
-                                         "Extensions Manager, restart Slicer and try again.")
-                return False
-            if not slicer.util.confirmOkCancelDisplay("DoseDiff needs PyTorch, which is not installed yet. "
-                                                      "Install it now (several hundred MB)?"):
-                return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False) is None:
-                slicer.util.errorDisplay("PyTorch could not be installed; see the Python console.")
-                return False
-        missing = []
-        for name in PYTHON_PACKAGES:
+                return problem + " Install the PyTorch extension from the Extensions Manager and restart Slicer."
+            if not slicer.util.confirmOkCancelDisplay(f"{problem} Install PyTorch now (several hundred MB)?"):
+                return problem
             try:
-                __import__(name)
-            except ImportError:
-                missing.append(name)
+                torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                    askConfirmation=False, torchVersionRequirement=f">={dependencies.MIN_TORCH}")
+            except Exception as exc:  # shown in the panel; Slicer carries on
+                logging.exception("DoseDiff: PyTorch installation failed")
+                return f"PyTorch could not be installed: {exc}"
+            if torch is None:
+                return "PyTorch was not installed; see the Python console."
+            problem = dependencies.torch_problem(dependencies.installed_version("torch"))
+            if problem:
+                return problem + " Restart Slicer after the installation."
+        missing = dependencies.missing_packages()
         if missing:
-            if not slicer.util.confirmOkCancelDisplay(f"DoseDiff needs {', '.join(missing)}. Install now?"):
-                return False
-            ensure = getattr(getattr(slicer, "packaging", None), "pip_ensure", None)
-            for name in missing:
-                ensure([name]) if ensure else slicer.util.pip_install(name)
-        return True
-
-    def exportRTDose(self, doseNode, ctNode, folder: str) -> str:
-        """SlicerRT's DICOM RT exporter when installed, else the library's RTDOSE writer."""
-        if has_slicerrt():
+            ensure = getattr(getattr(slicer, "packaging", None), "pip_ensure", None)  # Slicer >= 5.11 asks itself
+            if ensure is None and not slicer.util.confirmOkCancelDisplay(f"DoseDiff needs {', '.join(missing)}. "
+                                                                         "Install now?"):
+                return f"Missing Python packages: {', '.join(missing)}."
             try:
-                from DicomRtImportExportPlugin import DicomRtImportExportPluginClass
-            except ImportError:
-                DicomRtImportExportPluginClass = None
-            if DicomRtImportExportPluginClass is not None:
-                sh = slicer.mrmlScene.GetSubjectHierarchyNode()
-                exporter = DicomRtImportExportPluginClass()
-                exportables = []
-                for node in (ctNode, doseNode):
-                    exportables += exporter.examineForExport(sh.GetItemByDataNode(node))
-                for e in exportables:
-                    e.directory = folder
-                error = exporter.export(exportables)
-                if error:
-                    raise RuntimeError(error)
-                return folder
-        return self.mrml.export_rtdose(doseNode, ctNode, folder)
+                ensure(missing, requester="DoseDiff") if ensure else slicer.util.pip_install(missing)
+            except Exception as exc:
+                return f"Installing {', '.join(missing)} failed: {exc}"
+            still = dependencies.missing_packages()
+            if still:
+                return f"Missing Python packages: {', '.join(still)}."
+        return ""
 
 
 class DoseDiffTest(ScriptedLoadableModuleTest):
@@ -279,6 +349,7 @@ class DoseDiffTest(ScriptedLoadableModuleTest):
         self.test_predict_compare_export()
 
     def test_predict_compare_export(self):
+        import os
         import tempfile
 
         import numpy as np

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NoReturn
 
 from .errors import Cancelled, DoseDiffError
+from .registry import default_model, model_argument
 from .volume import all_or_nothing, atomic_write, check_output, check_output_folder, make_folder
 
 if TYPE_CHECKING:  # the heavy modules are imported by the commands that need them
     from .config import ModelConfig
     from .train import TrainConfig
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "Resources" / "Models" / "dosediff-openkbp.json"
+DEFAULT_MODEL = default_model()  # a registered name; --model resolves names and card paths
 
 
 def _progress_bar(desc: str):
@@ -85,7 +86,8 @@ def _add_predict(sub) -> None:
     p.add_argument("--out-dicom", type=Path, help="folder for the predicted RTDOSE (with --dicom)")
     p.add_argument("--series-uid", help="CT series to use when the DICOM folder holds several")
     p.add_argument("--std-out", type=Path, help="also write the per-voxel standard deviation (needs --samples > 1)")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="model card (.json)")
+    p.add_argument("--model", type=model_argument, default=DEFAULT_MODEL,
+                   help=f"registered model name or model card (.json); default {DEFAULT_MODEL}")
     _add_sampler(p)
     p.add_argument("--seed", type=SEED, default=None, help="random seed 0..2^32-1 (default: random, reported)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
@@ -447,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the main job on an embedded phantom (or --openkbp pt_N) with the bundled model")
     p.add_argument("--out", type=Path, default=Path("dosediff-demo"))
     p.add_argument("--openkbp", type=Path, help="run on this OpenKBP patient instead, and score it")
-    p.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    p.add_argument("--model", type=model_argument, default=DEFAULT_MODEL)
     _add_sampler(p)
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--device", default="auto")

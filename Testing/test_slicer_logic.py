@@ -32,7 +32,7 @@ def converter_rules():
 RAS_DIRECTIONS = ((-1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, -1.0))
 
 
-def make_scene(names=None, seg_on_other_grid=False):
+def make_scene(names=None, seg_on_other_grid=False, directions=RAS_DIRECTIONS):
     ct, masks = head_and_neck(shape=(24, 64, 64), spacing=(3.2, 3.2, 3.0))
     scene = slicer.vtkMRMLScene()
     node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "CT")
@@ -41,7 +41,7 @@ def make_scene(names=None, seg_on_other_grid=False):
     m = vtk.vtkMatrix4x4()
     for r in range(3):
         for c in range(3):
-            m.SetElement(r, c, RAS_DIRECTIONS[r][c])
+            m.SetElement(r, c, directions[r][c])
     node.SetIJKToRASDirectionMatrix(m)
     util.updateVolumeFromArray(node, ct.array.astype(np.int16))
     seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Structures")

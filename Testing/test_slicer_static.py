@@ -78,7 +78,12 @@ def test_extension_description_files_agree():
     index = json.loads((REPO / "DoseDiff.json").read_text())
     assert 'set(EXTENSION_CATEGORY "Radiotherapy")' in cmake and s4ext["category"] == index["category"] == "Radiotherapy"
     depends = re.search(r'set\(EXTENSION_DEPENDS "(.*?)"\)', cmake).group(1).split()
-    assert depends == s4ext["depends"].split() == index["build_dependencies"] == ["SlicerRT", "PyTorch"]
+    # SlicerRT is optional everywhere: not an extension dependency, and reached only through slicerrt.py
+    assert depends == s4ext["depends"].split() == index["build_dependencies"] == ["PyTorch"]
+    assert (MODULE / "DoseDiff.py").read_text().count("parent.dependencies = []") == 1
+    callers = [p.name for p in MODULE.rglob("*.py") if re.search(r"slicer\.modules\.(isodose|dosevolumehistogram|"
+                                                                  r"dosecomparison|dicomrtimportexport)", p.read_text())]
+    assert callers == ["slicerrt.py"]
     assert s4ext["scmurl"] == index["scm_url"]
     assert "add_subdirectory(DoseDiff)" in cmake and "add_subdirectory(DoseDiffLib)" in cmake
     assert (REPO / "LICENSE").exists()
@@ -86,3 +91,21 @@ def test_extension_description_files_agree():
 
     for icon in (REPO / "Resources" / "Icons" / "DoseDiff.png", MODULE / "Resources" / "Icons" / "DoseDiff.png"):
         assert Image.open(icon).size == (128, 128)
+
+
+def test_icon_and_screenshot_urls_point_at_files_in_the_repository():
+    cmake = (REPO / "CMakeLists.txt").read_text()
+    s4ext = (REPO / "DoseDiff.s4ext").read_text()
+    urls = re.findall(r'set\(EXTENSION_(?:ICONURL|SCREENSHOTURLS) "(.*?)"\)', cmake)
+    urls += re.findall(r"^(?:iconurl|screenshoturls) (\S+)", s4ext, re.M)
+    assert len(urls) == 4
+    for url in urls:
+        assert (REPO / url.split("/main/", 1)[1]).is_file(), url
+    assert "library-rendering" in urls[1]  # named for what it is until a real screenshot exists
+
+
+def test_minimum_slicer_version_is_stated_alike():
+    module = (MODULE / "DoseDiff.py").read_text()
+    version = re.search(r'MIN_SLICER = "(.*?)"', module).group(1)
+    assert f"Minimum Slicer: {version}" in (REPO / "CMakeLists.txt").read_text()
+    assert f"Slicer {version}" in (REPO / "README.md").read_text()

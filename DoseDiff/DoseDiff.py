@@ -34,6 +34,8 @@ DISCLAIMER = ("For research and planning guidance only. DoseDiff predicts a dose
               "system dose calculation.")
 MODEL_CHOICES = model_choices()
 DEVICES = ["auto", "cpu", "cuda", "mps"]
+MODEL_DEFAULT_SAMPLER = "model default"
+SAMPLERS = [MODEL_DEFAULT_SAMPLER, "regression", "ddim"]  # DoseDiffLib.config.SAMPLERS, without importing torch
 POLL_MS = 200
 
 
@@ -63,6 +65,7 @@ class DoseDiffParameterNode:
     modelCard: pathlib.Path  # only read when model is CUSTOM_MODEL
     roiMapping: str = "{}"
     device: Annotated[str, Choice(DEVICES)] = "auto"
+    sampler: Annotated[str, Choice(SAMPLERS)] = MODEL_DEFAULT_SAMPLER
     steps: Annotated[int, WithinRange(0, 1000)] = 0  # 0: the model card's validated setting
     samples: Annotated[int, WithinRange(0, 32)] = 0  # 0: the model card's validated setting
     seed: Annotated[int, WithinRange(0, 2**31 - 1)] = 0
@@ -183,7 +186,8 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay(_("The prediction could not start."), waitCursor=True):
             self._run = self.logic.mrml.start_prediction(
                 p.inputVolume, p.segmentation, chosen_model(p), self._mapping(), p.device, p.steps or None,
-                p.samples or None, p.seed, p.uncertainty)
+                p.samples or None, p.seed, p.uncertainty,
+                None if p.sampler == MODEL_DEFAULT_SAMPLER else p.sampler)
             self.ui.progressBar.maximum = 0  # busy until the first step is reported
             self.ui.statusLabel.text = _("Starting the prediction process...")
             self._timer.start()

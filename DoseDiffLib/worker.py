@@ -63,8 +63,10 @@ def run(job: dict[str, Any]) -> None:
     ct = read_on_own_grid(job["ct"])
     masks = read_masks(job["structures"])
     inputs = prepare_case(ct, masks, cfg, job.get("mapping") or None)
-    # steps/samples left out (None) mean the model card's validated sampler, as on the command line
+    # sampler/steps/samples left out (None) mean the model card's validated sampler, as on the command line
     sampler = {k: int(job[k]) for k in ("steps", "samples") if job.get(k)}
+    if job.get("sampler"):
+        sampler["sampler"] = str(job["sampler"])
 
     def progress(done: int, total: int, message: str) -> None:
         emit("progress", done=done, total=total, message=message)

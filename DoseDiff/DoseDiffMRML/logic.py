@@ -151,7 +151,7 @@ class DoseDiffMRMLLogic:
 
     def start_prediction(self, ct_node, segmentation_node, model: str, mapping: dict[str, str | None] | None = None,
                          device: str = "auto", steps: int | None = None, samples: int | None = None, seed: int | None = 0,
-                         with_std: bool = False) -> PredictionRun:
+                         with_std: bool = False, sampler: str | None = None) -> PredictionRun:
         """Write the CT and masks to a temporary folder and start DoseDiffLib.worker on them."""
         import DoseDiffLib
         from DoseDiffLib.registry import resolve
@@ -171,7 +171,7 @@ class DoseDiffMRMLLogic:
             (folder / "masks" / "names.json").write_text(json.dumps(list(masks)), encoding="utf-8")
             job = {"ct": str(folder / "ct.nrrd"), "structures": str(folder / "masks"),
                    "model": str(card), "mapping": mapping or None, "device": device, "steps": steps,
-                   "samples": samples, "seed": seed, "with_std": with_std,
+                   "samples": samples, "sampler": sampler, "seed": seed, "with_std": with_std,
                    "dose": str(folder / "dose.nrrd"), "std": str(folder / "dose_sd.nrrd")}
             (folder / "job.json").write_text(json.dumps(job), encoding="utf-8")
             library_parent = Path(DoseDiffLib.__file__).resolve().parent.parent
@@ -213,11 +213,12 @@ class DoseDiffMRMLLogic:
     def predict(self, ct_node, segmentation_node, model: str, mapping: dict[str, str | None] | None = None,
                 device: str = "auto", steps: int | None = None, samples: int | None = None, seed: int | None = 0,
                 with_std: bool = False, progress: Callable[[int, int, str], "bool | None"] | None = None,
-                timeout_s: float = 3600.0) -> PredictionResult:
+                timeout_s: float = 3600.0, sampler: str | None = None) -> PredictionResult:
         """The same child process, waited for: for scripts, the module's self-test and tests."""
         import time
 
-        run = self.start_prediction(ct_node, segmentation_node, model, mapping, device, steps, samples, seed, with_std)
+        run = self.start_prediction(ct_node, segmentation_node, model, mapping, device, steps, samples, seed, with_std,
+                                    sampler)
         try:
             end = time.monotonic() + timeout_s
             while time.monotonic() < end:

@@ -1,0 +1,54 @@
+"""Golden tests: the bundled model's dose on the embedded phantom, at both named samplers.
+
+The figures were measured with this model (seed 0) when it was bundled; a wrong channel
+order, normalisation, parotid label or sampler changes them by far more than the
+tolerance, which only has to absorb floating-point differences between processors.
+"""
+import numpy as np
+import pytest
+
+from DoseDiffLib.metrics import dvh_metrics
+from DoseDiffLib.modelcard import load_model
+from DoseDiffLib.phantom import head_and_neck
+from DoseDiffLib.predict import predict_case, prepare_case
+from DoseDiffLib.registry import resolve
+
+TOLERANCE_GY = 0.3
+MEASURED = {
+    "regression": {("PTV70", "D_95"): 70.10, ("PTV70", "D_1"): 72.60, ("PTV56", "D_95"): 56.06,
+                   ("RightParotid", "mean"): 13.17, ("LeftParotid", "mean"): 2.98,
+                   ("SpinalCord", "D_0.1_cc"): 22.39, ("Larynx", "mean"): 18.96},
+    "ddim": {("PTV70", "D_95"): 70.45, ("PTV70", "D_1"): 73.74, ("PTV56", "D_95"): 56.33,
+             ("RightParotid", "mean"): 13.49, ("LeftParotid", "mean"): 2.98,
+             ("SpinalCord", "D_0.1_cc"): 25.03, ("Larynx", "mean"): 20.24},
+}
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    net, cfg, _ = load_model(resolve("dosediff-openkbp"))
+    ct, masks = head_and_neck()
+    return net, cfg, prepare_case(ct, masks, cfg), {k: v.array for k, v in masks.items()}, float(np.prod(ct.spacing))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampler", ["regression", "ddim"])
+def test_the_bundled_model_gives_its_measured_dose_on_the_phantom(bundled, sampler):
+    net, cfg, inputs, masks, vox = bundled
+    # ddim: the paper's 8 leading steps with one unmirrored sample (the full sampler averages more)
+    extra = {"samples": 1, "flip": False} if sampler == "ddim" else {}
+    pred = predict_case(inputs, net, cfg, seed=0, sampler=sampler, **extra)
+    assert pred.info["steps"] == (1 if sampler == "regression" else 8)
+    got = dvh_metrics(pred.dose.array, masks, vox)
+    for key, want in MEASURED[sampler].items():
+        assert got[key] == pytest.approx(want, abs=TOLERANCE_GY), key
+    # and the physics a planner would check first
+    assert abs(got[("PTV70", "D_95")] - 70) < 2 and abs(got[("PTV56", "D_95")] - 56) < 2
+    assert got[("RightParotid", "mean")] > 3 * got[("LeftParotid", "mean")]   # the target lies on the right
+
+
+def test_the_bundled_card_names_its_validated_sampler():
+    _, cfg, card = load_model(resolve("dosediff-openkbp"))
+    assert cfg.diffusion.sampler == "regression"
+    assert card["ct_channels"] == ["CT"]
+    assert "/work/" not in str(card["training"]) and "/tmp/" not in str(card["training"])

@@ -75,6 +75,8 @@ def resolve(name_or_card: str | os.PathLike) -> Path:
     path = Path(text).expanduser()
     if path.is_file():
         return path
+    if path.exists() or path.suffix or os.sep in text:  # a path: load_model says what is wrong with it
+        return path
     raise DoseDiffError(f"{text!r} is neither a registered model ({', '.join(model_names())}) nor a model card file.",
                         "Give one of those names or the path of a model card (.json).")
 

@@ -15,12 +15,12 @@ from DoseDiffLib.registry import resolve
 
 TOLERANCE_GY = 0.3
 MEASURED = {
-    "regression": {("PTV70", "D_95"): 70.10, ("PTV70", "D_1"): 72.60, ("PTV56", "D_95"): 56.06,
-                   ("RightParotid", "mean"): 13.17, ("LeftParotid", "mean"): 2.98,
-                   ("SpinalCord", "D_0.1_cc"): 22.39, ("Larynx", "mean"): 18.96},
-    "ddim": {("PTV70", "D_95"): 70.45, ("PTV70", "D_1"): 73.74, ("PTV56", "D_95"): 56.33,
-             ("RightParotid", "mean"): 13.49, ("LeftParotid", "mean"): 2.98,
-             ("SpinalCord", "D_0.1_cc"): 25.03, ("Larynx", "mean"): 20.24},
+    "regression": {("PTV70", "D_95"): 70.05, ("PTV70", "D_1"): 72.97, ("PTV56", "D_95"): 55.51,
+                   ("RightParotid", "mean"): 13.26, ("LeftParotid", "mean"): 4.08,
+                   ("SpinalCord", "D_0.1_cc"): 22.16, ("Larynx", "mean"): 18.56},
+    "ddim": {("PTV70", "D_95"): 70.37, ("PTV70", "D_1"): 73.48, ("PTV56", "D_95"): 55.83,
+             ("RightParotid", "mean"): 12.82, ("LeftParotid", "mean"): 4.03,
+             ("SpinalCord", "D_0.1_cc"): 23.87, ("Larynx", "mean"): 20.07},
 }
 
 
@@ -50,5 +50,6 @@ def test_the_bundled_model_gives_its_measured_dose_on_the_phantom(bundled, sampl
 def test_the_bundled_card_names_its_validated_sampler():
     _, cfg, card = load_model(resolve("dosediff-openkbp"))
     assert cfg.diffusion.sampler == "regression"
-    assert card["ct_channels"] == ["CT"]
+    assert card["ct_channels"] == cfg.conditions.ct_channel_names() == ["CT", "CT@-1", "CT@+1", "CT@-2", "CT@+2"]
+    assert card["condition_channels"][-3:] == ["beams:PTV70", "beams:PTV63", "beams:PTV56"]
     assert "/work/" not in str(card["training"]) and "/tmp/" not in str(card["training"])

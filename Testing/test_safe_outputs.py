@@ -98,9 +98,11 @@ def test_cards_without_the_configuration_checksum_still_load(test_card, tmp_path
 
 
 def test_the_bundled_card_carries_its_configuration_checksum():
-    card = json.loads(DEFAULT_MODEL.read_text())
+    from DoseDiffLib.registry import resolve
+
+    card = json.loads(resolve(DEFAULT_MODEL).read_text())
     assert card["weights"]["config_sha256"] == config_sha256(card["config"])
-    _, cfg, _ = load_model(DEFAULT_MODEL)
+    _, cfg, _ = load_model(resolve(DEFAULT_MODEL))
     assert cfg.net.image_size == 128
 
 

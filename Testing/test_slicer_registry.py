@@ -27,7 +27,7 @@ def test_cli_model_defaults_to_the_registry_and_accepts_names_and_paths(tmp_path
     card = tmp_path / "mine.json"
     card.write_text("{}")
     assert parser.parse_args(["predict", "--ct", "c", "--out", "d", "--model", str(card)]).model == card
-    with pytest.raises(SystemExit):
+    with pytest.raises(DoseDiffError, match="neither a registered model"):   # one line, never a traceback
         parser.parse_args(["predict", "--ct", "c", "--out", "d", "--model", "no-such-model"])
 
 

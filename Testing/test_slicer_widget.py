@@ -77,6 +77,7 @@ def run_timer(widget, timeout: float = 120.0) -> list[tuple[int, int]]:
 def test_predict_shows_progress_then_the_dose(panel):
     widget, scene, shown = panel
     n = scene.GetNumberOfNodes()
+    widget._parameterNode.steps = 4  # several DDIM steps, so the bar moves between polls
     widget.onApplyButton()
     assert widget._timer.active and widget.ui.applyButton.text == "Cancel"
     folder = widget._run.folder

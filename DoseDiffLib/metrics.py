@@ -14,8 +14,6 @@ import numpy as np
 
 from .config import OARS, TARGETS
 
-TARGET_METRICS = ("D_99", "D_95", "D_1")
-OAR_METRICS = ("D_0.1_cc", "mean")
 
 
 def dose_score(reference: np.ndarray, prediction: np.ndarray, possible_dose: np.ndarray) -> float:

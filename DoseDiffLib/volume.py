@@ -410,7 +410,7 @@ def write_volume(vol: Volume, path: str | os.PathLike, overwrite: bool = False) 
 
 # --- structures -------------------------------------------------------------------
 
-def read_structures(path: str | os.PathLike, reference: Grid | None = None) -> dict[str, Volume]:
+def read_structures(path: str | os.PathLike) -> dict[str, Volume]:
     """Read a Slicer .seg.nrrd or a folder of per-ROI mask images into binary masks."""
     path = Path(path)
     if path.is_dir():

@@ -15,7 +15,6 @@ import numpy as np
 from .config import OARS, TARGETS
 
 
-
 def dose_score(reference: np.ndarray, prediction: np.ndarray, possible_dose: np.ndarray) -> float:
     n = int(np.count_nonzero(possible_dose))
     if n == 0:

@@ -20,9 +20,21 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
-import SimpleITK as sitk
 
 from .errors import DoseDiffError
+
+
+class _OnFirstUse:
+    """SimpleITK, imported when an image is first read, written or resampled: training from
+    a prepared cache needs none of it (the GPU machine's image does not ship it)."""
+
+    def __getattr__(self, name: str):
+        import SimpleITK
+
+        return getattr(SimpleITK, name)
+
+
+sitk = _OnFirstUse()
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +246,7 @@ def to_axial(vol: Volume, is_label: bool = False) -> Volume:
     return out
 
 
-_INTERP = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear, "bspline": sitk.sitkBSpline}
+_INTERP = {"nearest": "sitkNearestNeighbor", "linear": "sitkLinear", "bspline": "sitkBSpline"}
 
 
 def resample(vol: Volume, grid: Grid, kind: str = "linear", default: float = 0.0) -> Volume:
@@ -244,7 +256,7 @@ def resample(vol: Volume, grid: Grid, kind: str = "linear", default: float = 0.0
     f.SetOutputSpacing(grid.spacing)
     f.SetOutputOrigin(grid.origin)
     f.SetOutputDirection(grid.direction)
-    f.SetInterpolator(_INTERP[kind])
+    f.SetInterpolator(getattr(sitk, _INTERP[kind]))
     f.SetDefaultPixelValue(float(default))
     src = vol.to_sitk()
     if kind != "nearest" and vol.array.dtype.kind in "biu":

@@ -282,3 +282,11 @@ def test_a_pack_prepares_the_same_cache_as_the_csv_folders(openkbp_patient, tmp_
         a = np.load(tmp_path / "a" / f"{pid}_{kind}.npy").astype(np.float32)
         b = np.load(tmp_path / "b" / f"{pid}_{kind}.npy").astype(np.float32)
         np.testing.assert_allclose(a, b, atol=tol + 2e-3)   # + float16 rounding of the cache
+
+
+def test_training_needs_neither_simpleitk_nor_pydicom():
+    """A lent GPU's image lacks both: packing aside, prepare and train must import without them."""
+    code = ("import sys; sys.modules['SimpleITK'] = None; sys.modules['pydicom'] = None; "
+            "import DoseDiffLib.prepare, DoseDiffLib.train, DoseDiffLib.cli; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

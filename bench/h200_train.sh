@@ -13,7 +13,8 @@
 # validation patients before the card is updated or the weights bundled.
 #
 # The device image has torch, numpy, scipy, safetensors, tqdm and matplotlib but not
-# SimpleITK or pydicom; DoseDiffLib imports them only where images or DICOM are read.
+# SimpleITK or pydicom; DoseDiffLib imports them only where images or DICOM are read
+# (rehearsed here with both blocked: prepare --pack and train ran).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:?set OUT to the folder that should come back}

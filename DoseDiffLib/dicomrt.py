@@ -45,10 +45,12 @@ class DicomCase:
     ct_datasets: list[Dataset]          # headers, in slice order
     plan_uid: str | None = None
     warnings: list[str] = field(default_factory=list)
+    prescriptions: dict[str, float] = field(default_factory=dict)  # structure name -> Gy, from the RTPLAN
+    where: str = ""                      # the folder (or folder and study) it was read from
 
 
 @contextlib.contextmanager
-def _damaged(path: Path, what: str) -> Iterator[None]:
+def _damaged(path: Path | str, what: str) -> Iterator[None]:
     """A malformed header surfaces as any Python error deep in the reading (a missing
     attribute, a value of the wrong length or type); each becomes one message naming the file."""
     try:
@@ -373,26 +375,37 @@ def _dose_volume(path: Path, ds: Dataset, warnings: list[str]) -> Volume:
     return vol
 
 
+def scan_dicom(folder: str | os.PathLike) -> tuple[list[tuple[Path, Dataset]], list[str]]:
+    """Every DICOM file under folder (headers only), and the warnings of the scan."""
+    warnings: list[str] = []
+    return _scan(Path(folder), warnings), warnings
+
+
 def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> DicomCase:
     """CT series, structures of its RTSTRUCT and (if present) the plan's RTDOSE."""
-    folder = Path(folder)
-    warnings: list[str] = []
-    files = _scan(folder, warnings)
+    files, warnings = scan_dicom(folder)
+    return read_dicom_files(files, str(folder), series_uid, warnings)
+
+
+def read_dicom_files(files: list[tuple[Path, Dataset]], where: str, series_uid: str | None = None,
+                     warnings: list[str] | None = None) -> DicomCase:
+    """One patient's CT series, RTSTRUCT, RTDOSE and RTPLAN among already scanned files."""
+    warnings = [] if warnings is None else warnings
     series: dict[str, list[tuple[Path, Dataset]]] = {}
     for f, ds in files:
         if ds.SOPClassUID == CT_IMAGE:
             series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((f, ds))
     if not series:
-        raise DoseDiffError(f"No CT images in {folder}.", "Give the folder exported with the planning CT.")
+        raise DoseDiffError(f"No CT images in {where}.", "Give the folder exported with the planning CT.")
     if series_uid is None and len(series) > 1:
         listing = "; ".join(f"{uid} ({len(v)} slices, {getattr(v[0][1], 'SeriesDescription', '')!s})"
                             for uid, v in series.items())
-        raise DoseDiffError(f"{folder} holds {len(series)} CT series: {listing}.",
+        raise DoseDiffError(f"{where} holds {len(series)} CT series: {listing}.",
                             "Pick one with --series-uid UID.")
     uid = series_uid or next(iter(series))
     if uid not in series:
-        raise DoseDiffError(f"No CT series {uid} in {folder}.", f"Known series: {', '.join(series)}.")
-    with _damaged(folder, "The CT series in"):
+        raise DoseDiffError(f"No CT series {uid} in {where}.", f"Known series: {', '.join(series)}.")
+    with _damaged(where, "The CT series in"):
         ct, headers = _ct_volume(series[uid], warnings)
     for_uid = str(headers[0].get("FrameOfReferenceUID", ""))
     patient = str(headers[0].get("PatientID", ""))
@@ -400,6 +413,7 @@ def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> Dico
     doses = [(f, ds) for f, ds in files if ds.SOPClassUID == RT_DOSE]
     plans = [ds for _, ds in files if ds.SOPClassUID == RT_PLAN]
     structures: dict[str, Volume] = {}
+    roi_names: dict[int, str] = {}
     if structs:
         if len(structs) > 1:
             warn(warnings, f"{len(structs)} RTSTRUCTs found; using {structs[0][0].name}.")
@@ -415,6 +429,7 @@ def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> Dico
                                 f"the CT ({for_uid}).", "Export the structures drawn on this CT.")
         with _damaged(f, "RTSTRUCT"):
             structures = _structures(ds, ct, warnings)
+            roi_names = {int(r.ROINumber): str(r.ROIName) for r in ds.get("StructureSetROISequence", [])}
     else:
         warn(warnings, "No RTSTRUCT found.")
     reference = None
@@ -434,7 +449,34 @@ def read_dicom(folder: str | os.PathLike, series_uid: str | None = None) -> Dico
         reference = resample(dose, ct.grid, "linear", default=0.0)
         if plan_uid is None and "ReferencedRTPlanSequence" in ds:
             plan_uid = str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID)
-    return DicomCase(ct, structures, reference, headers, plan_uid, warnings)
+    prescriptions = _prescriptions(plans[0], roi_names, warnings) if plans else {}
+    if len(plans) > 1:
+        warn(warnings, f"{len(plans)} RTPLANs found; prescriptions read from the first.")
+    return DicomCase(ct, structures, reference, headers, plan_uid, warnings, prescriptions, where)
+
+
+def _prescriptions(plan: Dataset, roi_names: dict[int, str], warnings: list[str]) -> dict[str, float]:
+    """Structure name -> prescribed dose (Gy) of each target dose reference of the plan.
+
+    Only TARGET dose references with a TargetPrescriptionDose and a ReferencedROINumber
+    that the structure set names are used; others (points, organ constraints) are not
+    prescriptions of a structure.
+    """
+    out: dict[str, float] = {}
+    for ref in plan.get("DoseReferenceSequence", []):
+        if str(ref.get("DoseReferenceStructureType", "")).upper() not in ("VOLUME", "SITE") \
+                or str(ref.get("DoseReferenceType", "")).upper() != "TARGET":
+            continue
+        gy, number = ref.get("TargetPrescriptionDose"), ref.get("ReferencedROINumber")
+        if gy is None or number is None:
+            continue
+        name = roi_names.get(int(number))
+        if name is None:
+            warn(warnings, f"The RTPLAN prescribes {float(gy):g} Gy to ROI number {number}, which the structure "
+                           "set does not name; that prescription is not used.")
+            continue
+        out[name] = max(out.get(name, 0.0), float(gy))
+    return out
 
 
 def _same_patient(ds: Dataset, patient: str, path: Path, what: str) -> None:

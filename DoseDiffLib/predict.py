@@ -16,11 +16,12 @@ import torch
 from scipy import ndimage
 
 from .conditions import STACK_ROIS, SliceStack, active_slices, assemble, gather, mirror_channels, slice_stack
-from .config import POSSIBLE_DOSE, SAMPLERS, ModelConfig, SamplerConfig
+from .config import POSSIBLE_DOSE, SAMPLERS, TARGETS, ModelConfig, SamplerConfig
 from .diffusion import Diffusion
 from .errors import Cancelled, DoseDiffError, warn
 from .mmfnet import MMFNet
 from .openkbp import OpenKBPPatient
+from .prescription import PrescriptionMap, map_prescriptions, model_structures, target_levels
 from .rois import BODY, match_rois, plausibility_warnings, unmatched_targets
 from .runtime import batch_size_for
 from .volume import IDENTITY, Grid, Volume, resample, resample_mask, to_axial
@@ -46,6 +47,12 @@ class ModelInputs:
     matched: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     output_grid: Grid | None = None  # the CT as given, when its orientation differed
+    prescription: PrescriptionMap | None = None  # the plan's targets on the model's levels, and the factor
+
+    @property
+    def scale(self) -> float:
+        """Dose as the model sees it = plan dose x scale (1 when the plan is on the model's levels)."""
+        return self.prescription.scale if self.prescription else 1.0
 
 
 @dataclass
@@ -152,6 +159,10 @@ def _select_rois(masks: Mapping[str, Volume], cfg: ModelConfig, mapping: Mapping
 def model_grid(ct: Volume, body: np.ndarray, cfg: ModelConfig, warnings: list[str]) -> Grid:
     """An axial grid of image_size^2 pixels centred on the body, at the model's spacing."""
     n = cfg.net.image_size
+    sx, sy = ct.spacing[:2]
+    if ct.grid.shape[1:] == (n, n) and np.allclose(ct.direction, IDENTITY, atol=1e-6) and abs(sx - sy) < 1e-3 \
+            and cfg.grid.min_spacing_mm <= sx <= cfg.grid.max_spacing_mm:
+        return ct.grid  # already a grid like the training data's (OpenKBP as DICOM): no interpolation
     k, j, i = np.nonzero(body)
     pts = ct.grid.physical(np.array([[i.min(), j.min(), 0], [i.max(), j.max(), 0]], float))
     lo, hi = pts.min(0), pts.max(0)
@@ -165,13 +176,40 @@ def model_grid(ct: Volume, body: np.ndarray, cfg: ModelConfig, warnings: list[st
     return Grid((ct.grid.shape[0], n, n), (s, s, ct.spacing[2]), origin, IDENTITY)
 
 
+def _targets_by_prescription(structures: Mapping[str, Volume], mapping: Mapping[str, str | None] | None,
+                             prescriptions: Mapping[str, float] | None, plan_levels: Mapping[str, float] | None,
+                             warnings: list[str]):
+    """Targets placed on the model's levels from their prescriptions (given, the RTPLAN's, or in
+    their names), unless the mapping file places them itself or the names are the model's own
+    levels (PTV70/63/56: a missing PTV70 is then a missing structure, not a 63 Gy plan)."""
+    mapped_targets = [k for k in (mapping or {}) if k in TARGETS]
+    if mapped_targets and prescriptions:
+        raise DoseDiffError(f"Both a mapping of {', '.join(mapped_targets)} and --prescription are given.",
+                            "Map targets by prescription (--prescription NAME=GY) or by the mapping file, not both.")
+    if mapped_targets:
+        return dict(structures), mapping, None
+    levels, source = target_levels(structures, prescriptions, plan_levels)
+    if not levels or (set(source.values()) == {"name"} and set(levels.values()) <= set(TARGETS.values())):
+        return dict(structures), mapping, None  # named on the model's own levels: matched by name, as trained
+    pm = map_prescriptions(levels, source)
+    warnings += pm.warnings
+    structures, mapping = model_structures(structures, pm, mapping)
+    return structures, mapping, pm
+
+
 def prepare_case(ct: Volume, structures: Mapping[str, Volume], cfg: ModelConfig,
-                 mapping: Mapping[str, str | None] | None = None) -> ModelInputs:
-    """Check a clinical CT and structures and put them on the model's grid."""
+                 mapping: Mapping[str, str | None] | None = None, prescriptions: Mapping[str, float] | None = None,
+                 plan_levels: Mapping[str, float] | None = None) -> ModelInputs:
+    """Check a clinical CT and structures and put them on the model's grid.
+
+    prescriptions (NAME -> Gy, from the user) and plan_levels (from the RTPLAN) place the
+    targets on the model's dose levels; the prediction is scaled back (prescription.py).
+    """
     warnings: list[str] = []
     given = ct.grid
     ct = to_axial(ct)
     check_ct(ct)
+    structures, mapping, pm = _targets_by_prescription(structures, mapping, prescriptions, plan_levels, warnings)
     on_ct = _structures_on_ct(ct, structures, warnings)
     chosen, matched = _select_rois(on_ct, cfg, mapping, warnings)
     body_name = match_rois(on_ct.keys(), [BODY], {k: v for k, v in (mapping or {}).items() if k == BODY}).get(BODY)
@@ -191,7 +229,7 @@ def prepare_case(ct: Volume, structures: Mapping[str, Volume], cfg: ModelConfig,
     masks_m = {roi: resample_mask(m, grid) for roi, m in chosen.items()}
     masks_m[POSSIBLE_DOSE] = resample_mask(ct.with_array(body), grid)
     return ModelInputs(ct_m, masks_m, ct.grid, body, True, matched, warnings,
-                       None if given == ct.grid else given)
+                       None if given == ct.grid else given, pm)
 
 
 def prepare_openkbp(patient: OpenKBPPatient, cfg: ModelConfig) -> ModelInputs:
@@ -311,7 +349,7 @@ def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: in
     x = np.full((smp.samples,) + pdm.shape, -1.0, np.float32)
     x[:, slices] = sample_dose(model, cfg, stack, rows, smp, seed, device, batch_size, progress=progress)
     t2 = time.perf_counter()
-    gy = cfg.norm.gy(x) * pdm[None].astype(np.float32)
+    gy = cfg.norm.gy(x) * pdm[None].astype(np.float32) / inputs.scale
     mean = gy.mean(0)
     std = gy.std(0) if (with_std and smp.samples > 1) else None
     dose = _to_ct_grid(inputs, mean)
@@ -320,7 +358,9 @@ def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: in
             "timestep_spacing": smp.spacing, "slices_predicted": int(len(slices)),
             "device": str(device), "seconds_conditions": round(t1 - t0, 3),
             "seconds_sampling": round(t2 - t1, 3), "matched_rois": inputs.matched,
-            "warnings": list(inputs.warnings), "model_grid_spacing_mm": list(inputs.ct.spacing)}
+            "warnings": list(inputs.warnings), "model_grid_spacing_mm": list(inputs.ct.spacing),
+            "prescription": inputs.prescription.describe() if inputs.prescription else "targets matched by name",
+            "prescription_scale": inputs.scale}
     return Prediction(dose, std_v, info)
 
 

@@ -82,6 +82,7 @@ def _add_predict(sub) -> None:
     src.add_argument("--openkbp", type=Path, help="OpenKBP patient folder (pt_N), or a split folder of them (then --out is a folder)")
     p.add_argument("--structures", type=Path, help=".seg.nrrd or folder of per-ROI masks (with --ct)")
     p.add_argument("--mapping", type=Path, help='JSON {"model ROI": "structure name"} overriding name matching')
+    _add_prescription(p)
     p.add_argument("--out", type=Path, help="dose output (.nrrd/.nii.gz/.mha, or .csv with --openkbp)")
     p.add_argument("--out-dicom", type=Path, help="folder for the predicted RTDOSE (with --dicom)")
     p.add_argument("--series-uid", help="CT series to use when the DICOM folder holds several")
@@ -93,6 +94,21 @@ def _add_predict(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     p.add_argument("--batch-size", type=BATCH, default=None, help="slices per network call (default: fits memory)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def _add_prescription(p) -> None:
+    p.add_argument("--prescription", action="append", default=[], metavar="NAME=GY", type=_prescription,
+                   help="a target structure's prescribed dose (repeatable); default: the RTPLAN's, else the "
+                        "dose in the name (PTV_66). Doses are scaled onto the model's levels and back")
+
+
+def _prescription(text: str) -> tuple[str, float]:
+    from .prescription import parse_prescriptions
+
+    try:
+        return next(iter(parse_prescriptions([text]).items()))
+    except DoseDiffError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=GY with a dose between 0 and 150 Gy") from None
 
 
 def _exists(path: Path | None, what: str, folder: bool = False) -> None:
@@ -130,6 +146,9 @@ def _check_predict(args: argparse.Namespace) -> None:
         raise DoseDiffError("--mapping is not used with --openkbp (its ROI names are fixed).", "Drop --mapping.")
     if args.series_uid is not None and args.dicom is None:
         raise DoseDiffError("--series-uid is used only with --dicom.", "Drop --series-uid.")
+    if args.prescription and args.openkbp is not None:
+        raise DoseDiffError("--prescription is not used with --openkbp (its targets are 70/63/56 Gy).",
+                            "Drop --prescription.")
     if args.ct is not None and args.structures is None:
         raise DoseDiffError("--ct needs --structures.", "Give a .seg.nrrd or a folder of masks.")
     if args.std_out is not None and args.samples is not None and args.samples < 2:
@@ -185,9 +204,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _print_warnings(case.warnings)
         if not case.structures:
             raise DoseDiffError(f"{args.dicom} has no RTSTRUCT.", "Export the structure set with the CT.")
-        inputs = prepare_case(case.ct, case.structures, cfg, mapping)
+        inputs = prepare_case(case.ct, case.structures, cfg, mapping, dict(args.prescription), case.prescriptions)
     else:  # the CT as given: the dose is written back on exactly its grid, oblique or not
-        inputs = prepare_case(read_volume(args.ct, reorient=False), read_structures(args.structures), cfg, mapping)
+        inputs = prepare_case(read_volume(args.ct, reorient=False), read_structures(args.structures), cfg, mapping,
+                              dict(args.prescription))
     _print_warnings(inputs.warnings)
     bar, update = _progress_bar("Predicting dose")
     try:
@@ -466,11 +486,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update-card", type=Path, help="write the measured OpenKBP figures into this model card")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--overwrite", action="store_true")
-    p = sub.add_parser("prepare", help="cache OpenKBP patients for training")
+    p = sub.add_parser("prepare", help="cache OpenKBP patients or a clinic's DICOM plans for training")
     p.add_argument("--split", action="append", help="NAME=FOLDER of pt_N folders (repeatable)")
     p.add_argument("--pack", type=Path, help="a pack written by `dosediff pack` instead of folders")
+    p.add_argument("--dicom-cohort", type=Path,
+                   help="folder of DICOM exports (CT + RTSTRUCT + RTDOSE per patient: one sub-folder each, "
+                        "or mixed files grouped by study)")
+    _add_prescription(p)
+    p.add_argument("--mapping", type=Path, help='with --dicom-cohort: JSON {"model ROI": "structure name"}')
+    p.add_argument("--validation-fraction", type=float, default=0.2,
+                   help="with --dicom-cohort: share of patients (drawn per patient) kept for validation")
     p.add_argument("--cache", type=Path, required=True, help="cache folder")
     p.add_argument("--workers", type=int, default=1, help="processes (one patient each)")
+    p = sub.add_parser("qa", help="plan QA: flag organs of finished plans that get more dose than predicted")
+    p.add_argument("--dicom-cohort", type=Path, required=True, help="folder of DICOM exports with the plans' RTDOSE")
+    p.add_argument("--out", type=Path, required=True, help="report folder: qa.csv, qa.json, summary.html, dvh/")
+    p.add_argument("--model", type=model_argument, default=DEFAULT_MODEL)
+    _add_prescription(p)
+    p.add_argument("--mapping", type=Path, help='JSON {"model ROI": "structure name"} overriding name matching')
+    p.add_argument("--threshold-gy", type=float, default=3.0, help="flag when plan - prediction exceeds this ...")
+    p.add_argument("--threshold-percent", type=float, default=10.0, help="... and this per cent of the prediction")
+    _add_sampler(p)
+    p.add_argument("--seed", type=SEED, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("pack", help="OpenKBP patients in one small file, to train where the archives are not")
     p.add_argument("--split", action="append", required=True,
                    help="NAME=FOLDER[:N] of pt_N folders, the first N patients only (repeatable)")
@@ -491,8 +530,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from .config import ModelConfig
     from .prepare import prepare
 
+    if args.dicom_cohort is not None:
+        return _prepare_dicom_cohort(args)
+    if args.prescription or args.mapping is not None:
+        raise DoseDiffError("--prescription and --mapping are for --dicom-cohort (OpenKBP names and doses are fixed).",
+                            "Drop them, or prepare a --dicom-cohort.")
     if bool(args.split) == bool(args.pack):
-        raise DoseDiffError("Give either --split NAME=FOLDER (repeatable) or --pack FILE.",
+        raise DoseDiffError("Give either --split NAME=FOLDER (repeatable), --pack FILE or --dicom-cohort DIR.",
                             "E.g. --split train=data/train-pats --split validation=data/validation-pats.")
     splits: dict[str, Path] = {}
     for name, (folder, count) in _splits(args.split or []).items():
@@ -518,6 +562,75 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                 workers=args.workers)
     finally:
         bar.close()
+    return 0
+
+
+def _prepare_dicom_cohort(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .cohort import cache_cohort, check_prescriptions, find_cases
+    from .config import ModelConfig
+    from .rois import read_mapping
+
+    if args.split or args.pack:
+        raise DoseDiffError("--dicom-cohort is prepared on its own.", "Run dosediff prepare once per source.")
+    if not 0 <= args.validation_fraction < 1:
+        raise DoseDiffError(f"--validation-fraction {args.validation_fraction} is not a share in [0, 1).",
+                            "Give e.g. 0.2.")
+    _exists(args.dicom_cohort, "DICOM cohort folder", folder=True)
+    _exists(args.mapping, "mapping file")
+    mapping = read_mapping(args.mapping) if args.mapping else None
+    found = find_cases(args.dicom_cohort)
+    check_prescriptions(found[0], dict(args.prescription))
+    make_folder(args.cache)
+    bar = tqdm(desc="Caching DICOM cases", unit="case", total=len(found[0]))
+    try:
+        rows = cache_cohort(args.dicom_cohort, args.cache, ModelConfig(), dict(args.prescription), mapping,
+                            args.validation_fraction, progress=lambda _k: bar.update(), found=found)
+    finally:
+        bar.close()
+    for r in rows:
+        if r["status"] == "skipped":
+            print(f"skipped {r['case']} ({r['where']}): {r['reason']}", file=sys.stderr)
+    used = sum(r["status"] == "used" for r in rows)
+    print(f"{used} case(s) in the cache, {sum(r['status'] == 'skipped' for r in rows)} skipped; "
+          f"per-case report: {args.cache / 'cohort_report.csv'}", file=sys.stderr)
+    if not used:
+        raise DoseDiffError(f"No case of {args.dicom_cohort} could be used.",
+                            f"Read the reasons in {args.cache / 'cohort_report.csv'}.")
+    return 0
+
+
+def cmd_qa(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .cohort import check_prescriptions, find_cases
+    from .qa import QA_FILES, Thresholds, qa_cohort
+    from .rois import read_mapping
+    from .runtime import choose_device
+
+    _exists(args.dicom_cohort, "DICOM cohort folder", folder=True)
+    _exists(args.mapping, "mapping file")
+    thresholds = Thresholds(args.threshold_gy, args.threshold_percent)
+    thresholds.check()
+    mapping = read_mapping(args.mapping) if args.mapping else None
+    check_output_folder(args.out, QA_FILES, args.overwrite)
+    found = find_cases(args.dicom_cohort)
+    check_prescriptions(found[0], dict(args.prescription))
+    bar = tqdm(desc="Plans checked", unit="plan", total=len(found[0]))
+    try:
+        summary = qa_cohort(args.dicom_cohort, args.out, args.model, thresholds, dict(args.prescription), mapping,
+                            _sampler_args(args), args.seed, choose_device(args.device), args.overwrite,
+                            progress=lambda _k: bar.update(), found=found)
+    finally:
+        bar.close()
+    for c in summary["cases"]:
+        if c["status"] == "skipped":
+            print(f"skipped {c['case']} ({c['where']}): {c['note']}", file=sys.stderr)
+    for r in summary["flagged_organs"]:
+        print(f"{r['case']} {r['organ']} ({r['structure']}): {r['metric']} plan {r['plan_gy']:.1f} Gy, "
+              f"predicted {r['predicted_gy']:.1f} Gy (+{r['excess_gy']:.1f} Gy)")
+    print(f"{len(summary['flagged_organs'])} flagged organ(s); report: {args.out / 'summary.html'}", file=sys.stderr)
     return 0
 
 
@@ -661,7 +774,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "pack": cmd_pack,
+COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "pack": cmd_pack, "qa": cmd_qa,
             "train": cmd_train,
             "evaluate": cmd_evaluate, "demo": cmd_demo}
 # these write one result each: a failure removes what they had written (cohort prediction,

@@ -34,20 +34,26 @@ PACK_DOSE_STEP_GY = 0.1
 
 
 def prepare_patient(p: openkbp.OpenKBPPatient, out_dir: Path, cfg: ModelConfig) -> dict:
-    """Cache one patient; returns its index entry."""
+    """Cache one OpenKBP patient; returns its index entry."""
     if p.dose is None:
         raise DoseDiffError(f"{p.pid} has no dose.csv; training needs the clinical dose.",
                             "Prepare only the train and validation splits, which have doses.")
     masks = dict(p.masks)
     masks[POSSIBLE_DOSE] = p.possible_dose
-    stack = slice_stack(p.ct, masks, cfg)
+    return cache_case(p.pid, p.ct, masks, p.dose, out_dir, cfg)
+
+
+def cache_case(pid: str, ct: Volume, masks: dict[str, Volume], dose: Volume, out_dir: Path, cfg: ModelConfig) -> dict:
+    """Cache one case on the model's grid (masks include the possible-dose mask); returns its index entry."""
+    stack = slice_stack(ct, masks, cfg)
     sl = stack.slices
     arrays = {"psdm": stack.psdm.astype(np.float16), "ct": stack.ct.astype(np.float16),
-              "dose": cfg.norm.dose(p.dose.array[sl]).astype(np.float16)}
+              "dose": cfg.norm.dose(dose.array[sl]).astype(np.float16)}
     for kind, arr in arrays.items():  # a killed run never leaves a truncated array behind
-        atomic_write(out_dir / f"{p.pid}_{kind}.npy", lambda f, a=arr: np.save(f, a), overwrite=True)
-    return {"pid": p.pid, "slices": [int(s) for s in sl], "n_slices_total": int(p.ct.array.shape[0]),
-            "spacing": list(p.ct.spacing), "rois": sorted(p.masks)}
+        atomic_write(out_dir / f"{pid}_{kind}.npy", lambda f, a=arr: np.save(f, a), overwrite=True)
+    return {"pid": pid, "slices": [int(s) for s in sl], "n_slices_total": int(ct.array.shape[0]),
+            "spacing": list(ct.spacing), "origin": [float(v) for v in ct.origin],
+            "rois": sorted(r for r in masks if r != POSSIBLE_DOSE)}
 
 
 def _cached(cache: Path, pid: str) -> bool:
@@ -146,15 +152,28 @@ def _prepare_one(job: tuple[str, object, Path, dict]) -> tuple[str, dict]:
     return split, prepare_patient(p, out_dir, ModelConfig.from_dict(cfg_dict))
 
 
+def new_index(cfg: ModelConfig) -> dict:
+    return {"version": CACHE_VERSION, "rois": list(CACHE_ROIS), "norm": cfg.to_dict()["norm"], "splits": {}}
+
+
+def write_index(index: dict, out_dir: Path) -> None:
+    text = json.dumps(index)
+    atomic_write(Path(out_dir) / "index.json", lambda f: f.write_text(text), overwrite=True)
+
+
+def add_to_index(index: dict, split: str, entry: dict, out_dir: Path) -> None:
+    """Record a cached case (replacing an older entry of it) and save the index at once."""
+    entries = [e for e in index["splits"].get(split, []) if e["pid"] != entry["pid"]]
+    index["splits"][split] = sorted(entries + [entry], key=lambda e: (_pid_number(e["pid"]), e["pid"]))
+    write_index(index, out_dir)
+
+
 def prepare(split_dirs: dict[str, Path], out_dir: Path, cfg: ModelConfig,
             progress: Callable[[str], None] | None = None, pack: Path | None = None, workers: int = 1) -> Path:
     """Cache every patient of every split (or of a pack); cached patients are kept (resumable)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     index_path = out_dir / "index.json"
-    index = check_cache(out_dir, None, cfg) if index_path.exists() else {"version": CACHE_VERSION,
-                                                                         "rois": list(CACHE_ROIS),
-                                                                         "norm": cfg.to_dict()["norm"],
-                                                                         "splits": {}}
+    index = check_cache(out_dir, None, cfg) if index_path.exists() else new_index(cfg)
     done = {(split, e["pid"]) for split, entries in index["splits"].items() for e in entries
             if _cached(out_dir, e["pid"])}
     if pack is not None:
@@ -165,10 +184,7 @@ def prepare(split_dirs: dict[str, Path], out_dir: Path, cfg: ModelConfig,
     jobs = ((split, src, out_dir, cfg.to_dict()) for split, src in sources)
     with get_context("spawn").Pool(workers) if workers > 1 else _Serial() as pool:
         for split, entry in pool.imap_unordered(_prepare_one, jobs):
-            entries = [e for e in index["splits"].get(split, []) if e["pid"] != entry["pid"]]
-            index["splits"][split] = sorted(entries + [entry], key=lambda e: _pid_number(e["pid"]))
-            text = json.dumps(index)
-            atomic_write(index_path, lambda f: f.write_text(text), overwrite=True)
+            add_to_index(index, split, entry, out_dir)
             if progress:
                 progress(f"{split}/{entry['pid']}")
     return index_path

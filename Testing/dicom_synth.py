@@ -34,7 +34,7 @@ def _base(study, frame, modality, sop_class):
 
 
 def write_ct(folder: Path, hu: np.ndarray, position: str, spacing=(1.5, 2.0), slice_z=None,
-             origin=(-60.0, -80.0)) -> tuple[str, str, list[float]]:
+             origin=(-60.0, -80.0), prefix: str = "") -> tuple[str, str, list[float]]:
     """hu is (slices, rows, columns) as the scanner stores it; returns study, frame, z positions.
 
     Slices are written in a shuffled order with SliceLocation deliberately wrong, so only
@@ -63,11 +63,11 @@ def write_ct(folder: Path, hu: np.ndarray, position: str, spacing=(1.5, 2.0), sl
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
         ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
         ds.PixelData = (hu[idx] + 1024).astype(np.uint16).tobytes()
-        ds.save_as(folder / f"ct_{idx:03d}.dcm", enforce_file_format=True)
+        ds.save_as(folder / f"{prefix}ct_{idx:03d}.dcm", enforce_file_format=True)
     return study, frame, slice_z
 
 
-def write_rtstruct(folder: Path, study: str, frame: str, rois: dict[str, list[np.ndarray]]) -> Path:
+def write_rtstruct(folder: Path, study: str, frame: str, rois: dict[str, list[np.ndarray]], prefix: str = "") -> Path:
     """rois: name -> list of (N, 3) LPS contours."""
     ds = _base(study, frame, "RTSTRUCT", SS)
     ds.SeriesInstanceUID, ds.SeriesNumber = generate_uid(), 2
@@ -94,7 +94,27 @@ def write_rtstruct(folder: Path, study: str, frame: str, rois: dict[str, list[np
         contour_items.append(c)
     ds.StructureSetROISequence = Sequence(roi_items)
     ds.ROIContourSequence = Sequence(contour_items)
-    path = folder / "rtstruct.dcm"
+    path = folder / f"{prefix}rtstruct.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_rtplan(folder: Path, study: str, frame: str, targets: dict[int, float], prefix: str = "") -> Path:
+    """An RTPLAN whose target dose references prescribe Gy to ROI numbers of the structure set."""
+    ds = _base(study, frame, "RTPLAN", "1.2.840.10008.5.1.4.1.1.481.5")
+    ds.SeriesInstanceUID, ds.SeriesNumber = generate_uid(), 3
+    ds.RTPlanLabel, ds.RTPlanGeometry = "test", "PATIENT"
+    refs = []
+    for k, (number, gy) in enumerate(targets.items(), start=1):
+        r = Dataset()
+        r.DoseReferenceNumber, r.DoseReferenceStructureType, r.DoseReferenceType = k, "VOLUME", "TARGET"
+        r.ReferencedROINumber, r.TargetPrescriptionDose = number, gy
+        refs.append(r)
+    organ = Dataset()  # an organ constraint is not a prescription
+    organ.DoseReferenceNumber, organ.DoseReferenceStructureType, organ.DoseReferenceType = 99, "VOLUME", "ORGAN_AT_RISK"
+    organ.ReferencedROINumber, organ.OrganAtRiskMaximumDose = 1, 26.0
+    ds.DoseReferenceSequence = Sequence(refs + [organ])
+    path = folder / f"{prefix}rtplan.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -102,3 +122,33 @@ def write_rtstruct(folder: Path, study: str, frame: str, rois: dict[str, list[np
 def square(cx, cy, z, half):
     return np.array([[cx - half, cy - half, z], [cx + half, cy - half, z], [cx + half, cy + half, z],
                      [cx - half, cy + half, z]])
+
+
+def openkbp_as_dicom(patient_dir: Path, out: Path, patient_id: str, names: dict[str, str] | None = None,
+                     with_dose: bool = True, body_name: str = "BODY") -> Path:
+    """An OpenKBP patient exported as a planning system would: CT series, RTSTRUCT, RTDOSE (by plastimatch).
+
+    The possible-dose mask becomes the body contour; names renames structures (OpenKBP
+    name -> clinic name), as another clinic would call them.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    from DoseDiffLib.openkbp import read_patient
+    from DoseDiffLib.volume import write_volume
+
+    p = read_patient(patient_dir, with_dose=True)
+    work = Path(tempfile.mkdtemp(prefix="openkbp-nrrd-"))
+    (work / "masks").mkdir(parents=True, exist_ok=True)
+    write_volume(p.ct.with_array(p.ct.array.astype(np.int16)), work / "ct.nrrd", overwrite=True)
+    for roi, m in {**p.masks, body_name: p.possible_dose}.items():
+        write_volume(m, work / "masks" / f"{(names or {}).get(roi, roi)}.nrrd", overwrite=True)
+    cmd = ["plastimatch", "convert", "--input", str(work / "ct.nrrd"), "--input-prefix", str(work / "masks"),
+           "--output-dicom", str(out), "--patient-id", patient_id, "--patient-name", f"Test^{patient_id}"]
+    if with_dose:
+        write_volume(p.dose, work / "dose.nrrd", overwrite=True)
+        cmd[4:4] = ["--input-dose-img", str(work / "dose.nrrd")]
+    subprocess.run(cmd, check=True, capture_output=True)
+    shutil.rmtree(work)
+    return out

@@ -109,6 +109,7 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         self.ui.compareButton.connect("clicked(bool)", self.onCompareButton)
         self.ui.exportButton.connect("clicked(bool)", self.onExportButton)
+        self.ui.qaButton.connect("clicked(bool)", self.onQaButton)
         self.ui.suggestMappingButton.connect("clicked(bool)", self.onSuggestMapping)
         self.initializeParameterNode()
 
@@ -160,6 +161,7 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelPathLineEdit.enabled = bool(p and p.model == CUSTOM_MODEL)
         self.ui.compareButton.enabled = bool(p and p.outputDose and p.planDose and p.segmentation) and not running
         self.ui.exportButton.enabled = bool(p and p.outputDose and p.inputVolume) and not running
+        self.ui.qaButton.enabled = self.ui.compareButton.enabled
 
     def _mapping(self):
         import json
@@ -284,6 +286,23 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if chart is not None:
             selection.SetActivePlotChartID(chart.GetID())
             slicer.app.applicationLogic().PropagatePlotChartSelection()
+
+    def onQaButton(self) -> None:
+        p = self._parameterNode
+        folder = qt.QFileDialog.getExistingDirectory(None, _("Folder for the plan QA report"))
+        if not folder:
+            return
+        with slicer.util.tryWithErrorDisplay(_("Plan QA failed."), waitCursor=True):
+            table, summary = self.logic.mrml.plan_qa(p.outputDose, p.planDose, p.segmentation, folder,
+                                                     self._mapping())
+            flagged = summary["flagged_organs"]
+            lines = [f"Plan QA: {len(flagged)} organ(s) get more dose than predicted "
+                     f"(> {summary['thresholds']['gy']:g} Gy and > {summary['thresholds']['percent']:g} %)."]
+            lines += [f"{r['organ']} ({r['structure']}): {r['metric']} plan {r['plan_gy']:.1f} Gy, "
+                      f"predicted {r['predicted_gy']:.1f} Gy" for r in flagged[:5]]
+            lines.append(f"Report: {pathlib.Path(folder) / 'summary.html'}")
+            self._showComparison(table, None)
+            self.ui.statusLabel.text = "\n".join(lines)
 
     def onExportButton(self) -> None:
         p = self._parameterNode

@@ -142,3 +142,25 @@ def test_dose_joins_the_ct_study_with_its_unit(test_card):
     res = DoseDiffMRMLLogic().predict(node, seg, str(test_card), steps=1, seed=0)
     assert sh.GetItemParent(sh.GetItemByDataNode(res.dose_node)) == study
     assert sh.GetItemAttribute(study, "DicomRtImport.DoseUnitName") == "GY"
+
+
+def test_plan_qa_of_the_loaded_plan_flags_the_overdosed_organ(test_card, tmp_path):
+    """The command line's QA report from the panel: a plan 12 Gy hotter in the cord is flagged there only."""
+    import json
+
+    scene, node, seg, ct, masks = make_scene(names={"SpinalCord": "Cord"})
+    logic = DoseDiffMRMLLogic()
+    res = logic.predict(node, seg, str(test_card), steps=1, seed=0)
+    predicted = util.arrayFromVolume(res.dose_node).copy()
+    plan = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Plan")
+    plan.CopyOrientation(node)
+    util.updateVolumeFromArray(plan, predicted + 12.0 * masks["SpinalCord"].array)  # the node's voxel order
+    table, summary = logic.plan_qa(res.dose_node, plan, seg, str(tmp_path / "qa"), {"SpinalCord": "Cord"})
+    assert [(r["organ"], r["structure"]) for r in summary["flagged_organs"]] == [("SpinalCord", "Cord")]
+    assert summary["flagged_organs"][0]["excess_gy"] == pytest.approx(12.0, abs=0.01)
+    assert table.GetNumberOfRows() == 1 and table.GetTable().GetColumnByName("Excess (Gy)").GetValue(0) == \
+        pytest.approx(12.0, abs=0.01)
+    assert json.loads((tmp_path / "qa" / "qa.json").read_text())["model"] == "test"
+    assert (tmp_path / "qa" / "dvh" / "SpinalCord.png").is_file() and (tmp_path / "qa" / "summary.html").is_file()
+    with pytest.raises(DoseDiffError, match="overwrite"):
+        logic.plan_qa(res.dose_node, plan, seg, str(tmp_path / "qa"), {"SpinalCord": "Cord"})

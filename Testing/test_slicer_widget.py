@@ -122,3 +122,33 @@ def test_a_failure_in_the_child_is_one_message_and_no_node(panel):
     status = widget.ui.statusLabel.text
     assert status.startswith("Prediction failed; the scene is unchanged.") and "PTV70" in status
     assert scene.GetNumberOfNodes() == n and widget._parameterNode.outputDose is None
+
+
+def test_the_plan_qa_button_writes_the_report_and_names_the_flagged_organ(panel, monkeypatch, tmp_path):
+    import numpy as np
+    from slicer import util
+
+    widget, scene, _ = panel
+    widget.onApplyButton()
+    run_timer(widget)
+    p = widget._parameterNode
+    assert not widget.ui.qaButton.enabled  # no plan dose yet
+    cord = scene.GetFirstNodeByName("Structures").GetSegmentation().GetSegmentIdBySegmentName("SpinalCord")
+    assert cord
+    from DoseDiffMRML.logic import segment_masks
+
+    mask = segment_masks(p.segmentation, p.outputDose)["SpinalCord"].array
+    plan = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Plan")
+    plan.CopyOrientation(p.outputDose)
+    util.updateVolumeFromArray(plan, util.arrayFromVolume(p.outputDose) + 12.0 * mask.astype(np.float32))
+    p.planDose = plan
+    assert widget.ui.qaButton.enabled
+    qt = sys.modules["qt"]
+    monkeypatch.setattr(qt, "QFileDialog", types.SimpleNamespace(getExistingDirectory=lambda *a: str(tmp_path)),
+                        raising=False)
+    shown = []
+    monkeypatch.setattr(widget, "_showComparison", lambda table, chart: shown.append(table))
+    widget.onQaButton()
+    assert widget.ui.statusLabel.text.startswith("Plan QA: 1 organ(s)")
+    assert "SpinalCord (SpinalCord)" in widget.ui.statusLabel.text
+    assert (tmp_path / "summary.html").is_file() and shown[0].GetNumberOfRows() == 1

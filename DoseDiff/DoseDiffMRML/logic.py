@@ -319,6 +319,57 @@ class DoseDiffMRMLLogic:
         table.SetAttribute("DoseDiff.dvh_score", f"{e.scores['dvh_score']:.3f}")
         return table, e.scores
 
+    def plan_qa(self, predicted_node, plan_node, segmentation_node, out_dir: str,
+                mapping: dict[str, str | None] | None = None, threshold_gy: float = 3.0,
+                threshold_percent: float = 10.0, overwrite: bool = False):
+        """The command line's plan QA report for the loaded plan: report files in out_dir and a
+        table node of the flagged organs (largest excess first)."""
+        from DoseDiffLib.config import OARS, ModelConfig
+        from DoseDiffLib.plots import dvh_comparison
+        from DoseDiffLib.qa import QA_FILES, Thresholds, compare_plan, flagged_organs, write_report
+        from DoseDiffLib.rois import match_rois
+        from DoseDiffLib.volume import check_output_folder, make_folder, resample
+
+        thresholds = Thresholds(threshold_gy, threshold_percent)
+        thresholds.check()
+        out = check_output_folder(out_dir, QA_FILES, overwrite)
+        pred = volume_from_node(predicted_node)
+        plan = volume_from_node(plan_node)
+        if not plan.grid.close_to(pred.grid):
+            plan = resample(plan, pred.grid, "linear", default=0.0)
+        masks = segment_masks(segmentation_node, predicted_node)
+        matched = match_rois(masks.keys(), ModelConfig().conditions.rois, mapping)  # the panel's mapping names targets too
+        organs = {r: (n, masks[n].array) for r, n in matched.items() if r in OARS and masks[n].array.any()}
+        case = predicted_node.GetName()
+        rows = compare_plan(case, plan.array.astype(np.float32), pred.array.astype(np.float32), organs,
+                            pred.grid.voxel_volume_mm3(), thresholds)
+        make_folder(out)
+        pngs = {}
+        for r in flagged_organs(rows):
+            name = f"dvh/{r['organ']}.png"
+            make_folder(out / "dvh")
+            dvh_comparison(plan.array, pred.array, {r["organ"]: organs[r["organ"]][1]}, out / name,
+                           title=f"{r['organ']}: plan (solid) vs prediction (dashed)", overwrite=True)
+            pngs[(case, r["organ"])] = name
+        source = json.loads(predicted_node.GetAttribute(SOURCE_ATTRIBUTE) or "{}")
+        info = {"model": source.get("model", "not a DoseDiff prediction"), "plan": plan_node.GetName()}
+        summary = write_report(rows, [{"case": case, "status": "checked", "note": "the plan loaded in Slicer"}],
+                               out, info, pngs, thresholds)
+        scene = predicted_node.GetScene()
+        table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("DoseDiff plan QA"))
+        flagged = summary["flagged_organs"]
+        cols = {"Organ": [r["organ"] for r in flagged], "Structure": [r["structure"] for r in flagged],
+                "Metric": [r["metric"] for r in flagged], "Plan (Gy)": [r["plan_gy"] for r in flagged],
+                "DoseDiff (Gy)": [r["predicted_gy"] for r in flagged], "Excess (Gy)": [r["excess_gy"] for r in flagged],
+                "Excess (%)": [r["excess_percent"] for r in flagged]}
+        for name, values in cols.items():
+            arr = vtk.vtkStringArray() if name in ("Organ", "Structure", "Metric") else vtk.vtkDoubleArray()
+            arr.SetName(name)
+            for v in values:
+                arr.InsertNextValue(v if isinstance(v, str) else float(v))
+            table.AddColumn(arr)
+        return table, summary
+
     def dvh_chart(self, dose_nodes, segmentation_node) -> "slicerrt.DvhResult | None":
         """DVH curves of several doses in one SlicerRT chart, empty segments skipped; None without SlicerRT."""
         if not has_slicerrt():

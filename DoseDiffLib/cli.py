@@ -734,8 +734,28 @@ def _train_settings(items: list[str]) -> "TrainConfig":
     if overrides.get("init"):
         from .modelcard import read_card
 
-        read_card(overrides["init"])
+        card = read_card(overrides["init"])
+        overrides = {**_inherited_settings(card, known), **overrides}
     return TrainConfig(**overrides)
+
+
+# What a warm start keeps from its model's recipe unless set: the network and its inputs, and
+# the objective and sampler it was trained and validated with (fine-tuning continues them).
+INHERITED = ("preset", "prediction", "sampler", "context", "beams", "loss", "outside_weight",
+             "last_step_fraction", "dvh_weight")
+
+
+def _inherited_settings(card: dict, known: list[str]) -> dict:
+    """The init card's recipe values for INHERITED; the card's configuration where it has no recipe."""
+    recipe = (card.get("training") or {}).get("recipe") or {}
+    out = {k: recipe[k] for k in INHERITED if k in recipe and k in known}
+    cfg = card.get("config") or {}
+    diffusion, conditions = cfg.get("diffusion") or {}, cfg.get("conditions") or {}
+    out.setdefault("prediction", diffusion.get("prediction", "epsilon"))
+    out.setdefault("sampler", diffusion.get("sampler", "ddim"))
+    out.setdefault("context", int(conditions.get("context", 0)))
+    out.setdefault("beams", bool(conditions.get("beam_targets")))
+    return {k: v for k, v in out.items() if k in known}
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -207,3 +207,31 @@ class _Serial:
     @staticmethod
     def imap_unordered(fn, jobs):
         return map(fn, jobs)
+
+
+def describe_cache(index: dict, init_card: dict | None = None) -> tuple[str, dict]:
+    """What a model trained on this cache was trained on, for its card: counts, sites and
+    prescriptions, never a patient identifier (cache keys of DICOM cases are anonymous)."""
+    entries = [e for es in index["splits"].values() for e in es]
+    dicom = [e for e in entries if e.get("source") == "dicom"]
+    data = {"openkbp_patients": len(entries) - len(dicom), "dicom_patients": len(dicom),
+            "validation_patients": len(index["splits"].get("validation", [])),
+            "sites": sorted({e.get("site", "unknown") for e in dicom}),
+            "prescriptions_gy": sorted({tuple(e.get("prescriptions_gy") or ()) for e in dicom}, reverse=True),
+            "scaled_to_model_levels": any(abs(float(e.get("scale", 1.0)) - 1.0) > 1e-6 for e in dicom)}
+    data["prescriptions_gy"] = [list(p) for p in data["prescriptions_gy"]]
+    from .modelcard import DEFAULT_TRAINING_DATA
+
+    if not dicom:
+        text = DEFAULT_TRAINING_DATA
+    else:
+        levels = "; ".join("/".join(f"{g:g}" for g in p) + " Gy" if p else "by name" for p in data["prescriptions_gy"])
+        text = (f"{len(dicom)} DICOM plans of the clinic that trained it (sites: {', '.join(data['sites'])}; "
+                f"prescriptions: {levels}"
+                + ("; doses scaled onto the model's 70/63/56 Gy levels" if data["scaled_to_model_levels"] else "")
+                + ")" + (f" and {data['openkbp_patients']} OpenKBP patients" if data["openkbp_patients"] else "")
+                + ".")
+    init_data = (init_card or {}).get("training_data")
+    if init_data and init_data != text:
+        text += f" Fine-tuned from {init_card.get('name', 'a model')}, trained on: {init_data}"
+    return text, data

@@ -734,6 +734,9 @@ def _train_settings(items: list[str]) -> "TrainConfig":
     if overrides.get("init"):
         from .modelcard import read_card
 
+        from .registry import resolve
+
+        overrides["init"] = str(resolve(overrides["init"]))  # a registered name or a card path
         card = read_card(overrides["init"])
         overrides = {**_inherited_settings(card, known), **overrides}
     return TrainConfig(**overrides)

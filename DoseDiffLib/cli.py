@@ -247,7 +247,8 @@ def _predict_openkbp_cohort(args: argparse.Namespace) -> int:
     if args.out is None:
         raise DoseDiffError("A split folder needs --out FOLDER for the pt_N.csv files.", "Add --out preds/.")
     for flag, value in (("--structures", args.structures), ("--mapping", args.mapping), ("--std-out", args.std_out),
-                        ("--out-dicom", args.out_dicom), ("--series-uid", args.series_uid)):
+                        ("--out-dicom", args.out_dicom), ("--series-uid", args.series_uid),
+                        ("--prescription", args.prescription or None)):
         if value is not None:
             raise DoseDiffError(f"{flag} is not used with --openkbp.", f"Drop {flag}.")
     folders = openkbp.patient_folders(args.openkbp)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -98,6 +100,19 @@ def _spacing(ds: Dataset, path: Path) -> tuple[float, float]:
     return float(row_sp), float(col_sp)
 
 
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def _read(path: Path, headers_only: bool) -> Dataset | None:
     """A dataset, None for a non-DICOM file; malformed DICOM becomes one clear error.
 
@@ -115,7 +130,8 @@ def _read(path: Path, headers_only: bool) -> Dataset | None:
         raise DoseDiffError(f"{path} is a damaged DICOM file ({type(exc).__name__}: {str(exc)[:120]}).",
                             "Remove it from the folder or export it again.") from None
     try:  # older exports omit the preamble; accept them only if they parse as a SOP instance
-        ds = pydicom.dcmread(path, stop_before_pixels=headers_only, force=True)
+        with _quiet_pydicom():  # a text file forced through the parser warns about VRs: not news
+            ds = pydicom.dcmread(path, stop_before_pixels=headers_only, force=True)
         if "SOPClassUID" not in ds or "SOPInstanceUID" not in ds:
             return None
     except Exception:

@@ -221,3 +221,20 @@ def test_a_dicom_cohort_prepares_fine_tunes_and_runs_qa_end_to_end(validation_pa
 def first_png(summary: dict) -> str:
     r = summary["flagged_organs"][0]
     return f"dvh/{r['case']}_{r['organ']}.png"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["qa", "--dicom-cohort", "{missing}", "--out", "{out}"], "DICOM cohort folder"),
+    (["qa", "--dicom-cohort", "{empty}", "--out", "{out}"], "No DICOM files under"),
+    (["qa", "--dicom-cohort", "{empty}", "--out", "{out}", "--threshold-gy", "-1"], "non-negative"),
+    (["prepare", "--dicom-cohort", "{empty}", "--cache", "{out}", "--split", "train={empty}"], "on its own"),
+    (["prepare", "--split", "train={empty}", "--cache", "{out}", "--prescription", "PTV=60"], "--dicom-cohort"),
+    (["predict", "--openkbp", "{empty}", "--out", "{out}/x.csv", "--prescription", "PTV=60"], "--openkbp"),
+])
+def test_bad_cohort_arguments_are_one_line_and_exit_2(tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not DICOM")
+    names = {"missing": tmp_path / "missing", "empty": tmp_path / "empty", "out": tmp_path / "out"}
+    res = dosediff(*[a.format(**names) for a in args])
+    assert res.returncode == 2 and message in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .conditions import STACK_ROIS, SliceStack, active_slices, assemble, gather, mirror_channels, slice_stack
+from .conditions import STACK_ROIS, SliceStack, assemble, gather, mirror_channels, slice_stack
 from .config import POSSIBLE_DOSE, SAMPLERS, ModelConfig, SamplerConfig
 from .diffusion import Diffusion
 from .errors import Cancelled, DoseDiffError, warn
@@ -46,6 +46,7 @@ class ModelInputs:
     matched: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     output_grid: Grid | None = None  # the CT as given, when its orientation differed
+    body_on_output: np.ndarray | None = None  # the body on output_grid, so no dose leaves it there
 
 
 @dataclass
@@ -169,7 +170,7 @@ def prepare_case(ct: Volume, structures: Mapping[str, Volume], cfg: ModelConfig,
                  mapping: Mapping[str, str | None] | None = None) -> ModelInputs:
     """Check a clinical CT and structures and put them on the model's grid."""
     warnings: list[str] = []
-    given = ct.grid
+    given_ct, given = ct, ct.grid
     ct = to_axial(ct)
     check_ct(ct)
     on_ct = _structures_on_ct(ct, structures, warnings)
@@ -190,8 +191,21 @@ def prepare_case(ct: Volume, structures: Mapping[str, Volume], cfg: ModelConfig,
     ct_m = resample(ct, grid, "linear", default=-1024.0)
     masks_m = {roi: resample_mask(m, grid) for roi, m in chosen.items()}
     masks_m[POSSIBLE_DOSE] = resample_mask(ct.with_array(body), grid)
-    return ModelInputs(ct_m, masks_m, ct.grid, body, True, matched, warnings,
-                       None if given == ct.grid else given)
+    if given == ct.grid:
+        return ModelInputs(ct_m, masks_m, ct.grid, body, True, matched, warnings)
+    return ModelInputs(ct_m, masks_m, ct.grid, body, True, matched, warnings, given,
+                       _body_on(given, given_ct, structures.get(body_name) if BODY in matched else None))
+
+
+def _body_on(grid: Grid, ct: Volume, body: Volume | None) -> np.ndarray:
+    """The body on the CT's own (oblique) grid: the structure where given, else thresholded.
+
+    Resampling the dose from the axial grid reaches past the body there, so the dose is
+    masked again on this grid (exact where the structure already lies on it, as in Slicer).
+    """
+    if body is None:
+        return body_from_ct(ct)
+    return body.array if body.grid.close_to(grid) else resample_mask(body, grid).array
 
 
 def prepare_openkbp(patient: OpenKBPPatient, cfg: ModelConfig) -> ModelInputs:
@@ -335,4 +349,5 @@ def _to_ct_grid(inputs: ModelInputs, arr: np.ndarray) -> Volume:
         out = resample(out, inputs.output_grid, "linear", default=0.0)
         body = resample_mask(Volume.on_grid(inputs.body_on_ct, inputs.ct_grid), inputs.output_grid)
         out = out.with_array(out.array * body.array)  # interpolation must not spill dose out of the body
+        out = out.with_array(out.array * (inputs.body_on_output > 0))
     return out

@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .config import OARS, TARGETS
+from .config import OARS, PEAK_DOSE_GY, TARGETS
 
 
 def dose_score(reference: np.ndarray, prediction: np.ndarray, possible_dose: np.ndarray) -> float:
@@ -81,13 +81,13 @@ def mae_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> f
     return float(np.abs(reference[m] - prediction[m]).mean())
 
 
-def psnr_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = 80.0) -> float:
+def psnr_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = PEAK_DOSE_GY) -> float:
     m = mask.astype(bool)
     mse = float(((reference[m] - prediction[m]) ** 2).mean())
     return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
 
 
-def ssim_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = 80.0,
+def ssim_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = PEAK_DOSE_GY,
             sigma: float = 1.5) -> float:
     """Mean 2-D SSIM (Gaussian window, Wang et al. 2004) over the mask, slice by slice."""
     from scipy.ndimage import gaussian_filter

@@ -16,7 +16,8 @@ import torch
 from scipy import ndimage
 
 from .conditions import STACK_ROIS, SliceStack, assemble, gather, mirror_channels, slice_stack
-from .config import POSSIBLE_DOSE, SAMPLERS, ModelConfig, SamplerConfig
+from .config import (BODY_THRESHOLD_HU, HU_MIN_SPAN, HU_NORMALISED_LIMIT, HU_UNRESCALED_MAX, POSSIBLE_DOSE,
+                     SAMPLERS, TARGET_SLAB_MARGIN_MM, ModelConfig, SamplerConfig)
 from .diffusion import Diffusion
 from .errors import Cancelled, DoseDiffError, warn
 from .mmfnet import MMFNet
@@ -28,10 +29,6 @@ from .volume import IDENTITY, Grid, Volume, resample, resample_mask, to_axial
 
 # progress(done, total, message) -> False to cancel
 Progress = Callable[[int, int, str], "bool | None"]
-BODY_THRESHOLD_HU = -350.0
-# In all 169 OpenKBP training plans no voxel farther than 45 mm (cranio-caudally) from
-# the nearest target slice receives 1 Gy; slices beyond 60 mm are not predicted (0 Gy).
-TARGET_SLAB_MARGIN_MM = 60.0
 
 
 @dataclass
@@ -67,12 +64,12 @@ def check_ct(ct: Volume) -> None:
         raise DoseDiffError(f"The CT has {a.shape[0]} slice; a dose needs the patient's 3-D anatomy.",
                             "Give the whole planning CT.")
     lo, hi = float(a.min()), float(a.max())
-    if hi <= 10 and lo >= -10 and hi > lo:  # before the constant test: a [0, 1] image spans less than 50
+    if hi <= HU_NORMALISED_LIMIT and lo >= -HU_NORMALISED_LIMIT and hi > lo:  # before the constant test: a [0, 1] image spans less than 50
         raise DoseDiffError(f"The CT looks normalised ({lo:g} to {hi:g}), not in HU.",
                             "Give the original CT in Hounsfield units.")
-    if hi - lo < 50:
+    if hi - lo < HU_MIN_SPAN:
         raise DoseDiffError(f"The CT is nearly constant ({lo:g} to {hi:g}).", "Check that this is the planning CT.")
-    if lo >= -10 and hi > 500:
+    if lo >= -HU_NORMALISED_LIMIT and hi > HU_UNRESCALED_MAX:
         raise DoseDiffError(
             f"The CT is not in Hounsfield units: values run from {lo:g} to {hi:g}, with no air near -1000 "
             "(typical of stored values without the DICOM rescale, or of HU+1024 data).",

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .conditions import STACK_ROIS, SliceStack, assemble, beam_directions, gather
+from .conditions import LR_PAIRS, SliceStack, assemble, beam_directions, gather
 from .config import POSSIBLE_DOSE, ConditionConfig, ModelConfig
 from .diffusion import Diffusion
 from .errors import DoseDiffError
@@ -33,8 +33,7 @@ from .mmfnet import MMFNet
 from .modelcard import save_model
 from .plots import save_figure
 from .predict import dose_rows, resolve_sampler, sample_dose
-
-CACHE_ROIS = STACK_ROIS
+from .prepare import CACHE_ROIS
 
 
 @dataclass
@@ -128,9 +127,10 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
     dose = warp(dose + 1, "zeros") - 1      # pads with 0 Gy (-1)
     ps = warp(ps, "border") * zoom[:, None, None, None]
     if flip.any():
-        r, l = CACHE_ROIS.index("RightParotid"), CACHE_ROIS.index("LeftParotid")
         swapped = ps[flip].clone()
-        swapped[:, [r, l]] = swapped[:, [l, r]]
+        for right, left in LR_PAIRS:
+            r, l = CACHE_ROIS.index(right), CACHE_ROIS.index(left)
+            swapped[:, [r, l]] = swapped[:, [l, r]]
         ps[flip] = swapped
     if ps_ctx is None:
         return ct, ps, dose

@@ -563,12 +563,10 @@ def _setting(key: str, text: str, default: object) -> object:
 
 
 def _train_settings(items: list[str]) -> "TrainConfig":
-    import dataclasses
+    from .train import MODEL_SETTINGS, TrainConfig
 
-    from .train import TrainConfig
-
-    defaults = TrainConfig()
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    defaults = {**MODEL_SETTINGS, **TrainConfig().recipe()}
+    known = list(defaults)
     overrides = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -577,18 +575,16 @@ def _train_settings(items: list[str]) -> "TrainConfig":
             raise DoseDiffError(f"--set {item!r} is not KEY=VALUE.", "Write e.g. --set steps=20000.")
         if key not in known:
             raise DoseDiffError(f"Unknown training setting {key!r}.", f"Known: {', '.join(known)}.")
-        overrides[key] = _setting(key, text.strip(), getattr(defaults, key))
+        overrides[key] = _setting(key, text.strip(), defaults[key])
     if overrides.get("init"):
         from .modelcard import read_card
 
         read_card(overrides["init"])
-    return TrainConfig(**overrides)
+    return TrainConfig.from_settings(**overrides)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-
+    from .distributed import is_main_process, process_group
     from .prepare import check_cache
     from .runtime import choose_device
     from .train import train
@@ -596,20 +592,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     tcfg = _train_settings(args.set or [])
     check_cache(args.cache)
     make_folder(args.run)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = choose_device(args.device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-    try:
+    with process_group(choose_device(args.device)) as device:
         card = train(args.cache, args.run, tcfg, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 validates and exports
+    if not is_main_process():  # only rank 0 validates and exports
         return 0
     if not card.exists() and tcfg.val_every == 0:
         print(f"no validation (val_every=0), so no best model: the weights are in {args.run / 'checkpoint.pt'}")

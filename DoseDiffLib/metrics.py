@@ -34,9 +34,9 @@ def roi_dose_metrics(dose_in_roi: np.ndarray, voxel_volume_mm3: float) -> dict[s
     D0.1cc as OpenKBP takes it (the hottest round(100 mm3 / voxel) voxels, at least one)."""
     d = dose_in_roi
     n_tenth_cc = max(1.0, float(np.round(100.0 / voxel_volume_mm3)))
-    return {"D99": float(np.percentile(d, 1)), "D95": float(np.percentile(d, 5)),
-            "D1": float(np.percentile(d, 99)), "Dmean": float(d.mean()),
-            "D0.1cc": float(np.percentile(d, 100.0 - n_tenth_cc / d.size * 100.0))}
+    values = (float(np.percentile(d, 1)), float(np.percentile(d, 5)), float(np.percentile(d, 99)),
+              float(d.mean()), float(np.percentile(d, 100.0 - n_tenth_cc / d.size * 100.0)))
+    return dict(zip(DOSE_METRICS, values))
 
 
 def dvh_metrics(dose: np.ndarray, masks: Mapping[str, np.ndarray], voxel_volume_mm3: float,

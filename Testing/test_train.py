@@ -1,6 +1,7 @@
 """Training: augmentation physics, cache, resumable runs and two-process DDP in sync."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -354,3 +355,18 @@ def test_recipes_written_before_the_run_held_its_model_configuration_still_read(
     _check_resume(saved, tcfg, Path("checkpoint.pt"))
     with pytest.raises(DoseDiffError, match=r"lr 0.0003 -> 0.001"):
         _check_resume(saved, TrainConfig.from_settings(**{**recipe, "lr": 1e-3}), Path("checkpoint.pt"))
+
+
+@pytest.mark.parametrize("version", [0, 2, None, "1"])
+def test_a_cache_of_another_version_is_refused_by_training_and_by_prepare(tmp_path, version):
+    from DoseDiffLib.prepare import CACHE_VERSION, check_cache, prepare
+
+    cache = make_cache(tmp_path)
+    assert check_cache(cache)["version"] == CACHE_VERSION == 1
+    index = json.loads((cache / "index.json").read_text())
+    index["version"] = version
+    (cache / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DoseDiffError, match=re.escape(f"has version {version!r}, this DoseDiff reads version 1")):
+        check_cache(cache)
+    with pytest.raises(DoseDiffError, match="has version"):  # prepare never extends it either
+        prepare({}, cache, ModelConfig.preset("test"))

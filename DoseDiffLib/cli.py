@@ -23,18 +23,25 @@ if TYPE_CHECKING:  # the heavy modules are imported by the commands that need th
 DEFAULT_MODEL = default_model()  # a registered name; --model resolves names and card paths
 
 
-def _progress_bar(desc: str):
-    from tqdm import tqdm
+class _ProgressBar:
+    """A tqdm bar on stderr, started by the first step (warnings printed before it stay above it)."""
 
-    bar = tqdm(total=1, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
 
-    def update(done: int, total: int, _message: str) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.n = done
-        bar.refresh()
+    def __call__(self, done: int, total: int, _message: str) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
 
-    return bar, update
+            self.bar = tqdm(total=1, desc=self.desc, unit="step", dynamic_ncols=True, file=sys.stderr)
+        if self.bar.total != total:
+            self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _int_in(lo: int, hi: int) -> Callable[[str], int]:
@@ -70,8 +77,25 @@ def _add_sampler(p) -> None:
                    help="also predict the mirrored patient and average (overrides the sampler's)")
 
 
-def _sampler_args(args) -> dict:
-    return {"sampler": args.sampler, "steps": args.steps, "samples": args.samples, "flip": args.flip}
+def _sampling(args, seed: int | None, device) -> "Sampling":
+    from .job import Sampling
+
+    return Sampling(args.sampler, args.steps, args.samples, args.flip, seed, device,
+                    getattr(args, "batch_size", None))
+
+
+def _check_std_calibrated(card: dict, accepted: bool) -> None:
+    """An SD map is written only where validation showed it means something (or on explicit request)."""
+    u = (card.get("validation") or {}).get("uncertainty") or {}
+    if u.get("calibrated") is True:
+        return
+    measured = (f"on validation {u['voxels_inside_mean_pm_1.96sd']:.0%} of clinical-dose voxels lie inside the "
+                f"mean +- 1.96 SD, nominal {u.get('nominal', 0.95):.0%}" if "voxels_inside_mean_pm_1.96sd" in u
+                else "its card records no coverage measured on validation")
+    if not accepted:
+        raise DoseDiffError(f"The spread of model {card['name']} is not a calibrated uncertainty ({measured}).",
+                            "Drop --std-out, or add --uncalibrated-std to write it for research.")
+    print(f"warning: the SD written to --std-out is not a calibrated uncertainty ({measured}).", file=sys.stderr)
 
 
 def _add_predict(sub) -> None:
@@ -86,7 +110,10 @@ def _add_predict(sub) -> None:
     p.add_argument("--out", type=Path, help="dose output (.nrrd/.nii.gz/.mha, or .csv with --openkbp)")
     p.add_argument("--out-dicom", type=Path, help="folder for the predicted RTDOSE (with --dicom)")
     p.add_argument("--series-uid", help="CT series to use when the DICOM folder holds several")
-    p.add_argument("--std-out", type=Path, help="also write the per-voxel standard deviation (needs --samples > 1)")
+    p.add_argument("--std-out", type=Path, help="also write the per-voxel standard deviation (needs --samples > 1; "
+                   "refused unless the model card shows it calibrated, or --uncalibrated-std)")
+    p.add_argument("--uncalibrated-std", action="store_true",
+                   help="write --std-out even though the card does not show the spread calibrated (research only)")
     p.add_argument("--model", type=model_argument, default=DEFAULT_MODEL,
                    help=f"registered model name or model card (.json); default {DEFAULT_MODEL}")
     _add_sampler(p)
@@ -178,70 +205,47 @@ def _print_warnings(warnings: list[str]) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import openkbp
+    from .job import Outputs, read_case, run_prediction
     from .modelcard import load_model
-    from .predict import predict_case, prepare_case, prepare_openkbp, resolve_sampler
+    from .predict import resolve_sampler
     from .rois import read_mapping
     from .runtime import choose_device
-    from .volume import read_structures, read_volume, write_volume
 
     if args.openkbp and not (args.openkbp / "ct.csv").exists():
         return _predict_openkbp_cohort(args)
     _check_predict(args)
     mapping = read_mapping(args.mapping) if args.mapping else None
     device = choose_device(args.device)
-    model, cfg, card = load_model(args.model, device)
-    _, sampler = resolve_sampler(cfg, **_sampler_args(args))  # refuses steps beyond the schedule
+    loaded = load_model(args.model, device)
+    sampling = _sampling(args, args.seed, device)
+    _, sampler = resolve_sampler(loaded[1], **sampling.choice())  # refuses steps beyond the schedule
     if args.std_out and sampler.samples < 2:
         raise DoseDiffError("--std-out needs at least two samples.", "Use --sampler ddim or add --samples 4.")
-    if args.openkbp:
-        patient = openkbp.read_patient(args.openkbp, with_dose=False)
-        inputs = prepare_openkbp(patient, cfg)
-    elif args.dicom:
-        from .dicomrt import read_dicom
-
-        case = read_dicom(args.dicom, args.series_uid)
-        _print_warnings(case.warnings)
-        if not case.structures:
-            raise DoseDiffError(f"{args.dicom} has no RTSTRUCT.", "Export the structure set with the CT.")
-        inputs = prepare_case(case.ct, case.structures, cfg, mapping, dict(args.prescription), case.prescriptions)
-    else:  # the CT as given: the dose is written back on exactly its grid, oblique or not
-        inputs = prepare_case(read_volume(args.ct, reorient=False), read_structures(args.structures), cfg, mapping,
-                              dict(args.prescription))
-    _print_warnings(inputs.warnings)
-    bar, update = _progress_bar("Predicting dose")
+    if args.std_out:
+        _check_std_calibrated(loaded[2], args.uncalibrated_std)
+    case = read_case(args.ct, args.structures, args.dicom, args.series_uid, args.openkbp)
+    outputs = Outputs(tuple(p for p in (args.out,) if p is not None), args.std_out, args.out_dicom, args.overwrite)
+    bar = _ProgressBar("Predicting dose")
     try:
-        pred = predict_case(inputs, model, cfg, **_sampler_args(args), seed=args.seed,
-                            device=device, batch_size=args.batch_size, with_std=args.std_out is not None,
-                            progress=update)
+        pred, written = run_prediction(case, loaded, outputs, sampling, mapping, progress=bar,
+                                       on_warnings=_print_warnings, prescriptions=dict(args.prescription))
     finally:
         bar.close()
-    if args.out_dicom is not None:
-        from .dicomrt import write_rtdose
-
-        written = write_rtdose(pred.dose, case.ct_datasets, args.out_dicom, card["name"], case.plan_uid, args.overwrite)
-        print(f"wrote {written}", file=sys.stderr)
-    if args.out is not None and args.openkbp and args.out.suffix == ".csv":
-        openkbp.write_dose_csv(pred.dose, args.out, args.overwrite)
-    elif args.out is not None:
-        write_volume(pred.dose, args.out, args.overwrite)
-    if args.std_out and pred.std is not None:
-        write_volume(pred.std, args.std_out, args.overwrite)
+    if "rtdose" in written:
+        print(f"wrote {written['rtdose']}", file=sys.stderr)
     info = {k: v for k, v in pred.info.items() if k != "warnings"}
-    print(json.dumps({"output": str(args.out or args.out_dicom), "model": card["name"], **info}, indent=1))
+    print(json.dumps({"output": str(args.out or args.out_dicom), "model": loaded[2]["name"], **info}, indent=1))
     return 0
 
 
 def _predict_openkbp_cohort(args: argparse.Namespace) -> int:
     """Every pt_N under a split folder -> OUT/pt_N.csv; existing files are kept (resumable)."""
-    import time
-
-    import torch
     from tqdm import tqdm
 
     from . import openkbp
+    from .job import predict_openkbp_split
     from .modelcard import load_model
-    from .predict import predict_case, prepare_openkbp, resolve_sampler
+    from .predict import resolve_sampler
     from .runtime import choose_device
 
     if args.out is None:
@@ -256,42 +260,15 @@ def _predict_openkbp_cohort(args: argparse.Namespace) -> int:
         raise DoseDiffError(f"{args.openkbp} holds no OpenKBP patients.", "Point to a pt_N folder or a split folder.")
     check_output_folder(args.out)
     device = choose_device(args.device)
-    model, cfg, _ = load_model(args.model, device)
-    resolve_sampler(cfg, **_sampler_args(args))  # refuses steps beyond the schedule
-    make_folder(args.out)
-    timings_path = args.out / "timings.json"
-    timings = _read_timings(timings_path)
-    for folder in tqdm(folders, desc="Patients", unit="patient"):
-        out = args.out / f"{folder.name}.csv"
-        if out.exists() and not args.overwrite:
-            continue
-        t0 = time.perf_counter()
-        inputs = prepare_openkbp(openkbp.read_patient(folder, with_dose=False), cfg)
-        seed = args.seed if args.seed is not None else 0
-        pred = predict_case(inputs, model, cfg, **_sampler_args(args), seed=seed,
-                            device=device, batch_size=args.batch_size)
-        openkbp.write_dose_csv(pred.dose, out, args.overwrite)
-        timings[folder.name] = {"seconds": round(time.perf_counter() - t0, 2), "device": str(device),
-                                "threads": torch.get_num_threads(), "sampler": pred.info["sampler"], "steps": pred.info["steps"],
-                                "samples": pred.info["samples"], "flip": pred.info["flip"],
-                                "slices": pred.info["slices_predicted"]}
-        text = json.dumps(timings, indent=1)
-        atomic_write(timings_path, lambda p: p.write_text(text), overwrite=True)
-    return 0
-
-
-def _read_timings(path: Path) -> dict:
-    """The per-patient timings of a cohort prediction ({} when there are none)."""
-    if not path.is_file():
-        return {}
+    loaded = load_model(args.model, device)
+    sampling = _sampling(args, args.seed, device)
+    resolve_sampler(loaded[1], **sampling.choice())  # refuses steps beyond the schedule
+    bar = tqdm(total=len(folders), desc="Patients", unit="patient")
     try:
-        timings = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        timings = None
-    if not isinstance(timings, dict) or not all(isinstance(v, dict) and {"seconds", "slices"} <= set(v)
-                                                for v in timings.values()):
-        raise DoseDiffError(f"{path} is damaged.", "Delete it (the timings are measured again by predict).")
-    return timings
+        predict_openkbp_split(folders, args.out, loaded, sampling, args.overwrite, progress=lambda _f: bar.update())
+    finally:
+        bar.close()
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -304,7 +281,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         from .modelcard import read_card
 
         read_card(args.update_card)
-        timings = _read_timings(args.predictions / "timings.json") if args.predictions else {}
+        from .job import read_timings
+
+        timings = read_timings(args.predictions / "timings.json") if args.predictions else {}
     if args.dicom is not None:
         from .evaluate import evaluate_dicom
         from .rois import read_mapping
@@ -357,12 +336,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The main job on an embedded case: phantom (default) or one OpenKBP patient."""
-    from . import openkbp
     from .evaluate import evaluate_patient, plan_summary
+    from .job import Case, Outputs, read_case, run_prediction
     from .modelcard import load_model
     from .phantom import head_and_neck
     from .plots import dose_overlay, dvh_comparison
-    from .predict import predict_case, prepare_case, prepare_openkbp, resolve_sampler
+    from .predict import resolve_sampler
     from .runtime import choose_device
     from .volume import write_segmentation, write_volume
 
@@ -372,30 +351,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     names = ("dose.nrrd", "dvh.png", "dose_overlay.png") + inputs_written
     check_output_folder(out, names, args.overwrite)  # nothing of the user's is replaced without --overwrite
     device = choose_device(args.device)
-    model, cfg, card = load_model(args.model, device)
-    resolve_sampler(cfg, **_sampler_args(args))  # refuses steps beyond the schedule
-    reference = None
+    loaded = load_model(args.model, device)
+    card = loaded[2]
+    sampling = _sampling(args, args.seed, device)
+    resolve_sampler(loaded[1], **sampling.choice())  # refuses steps beyond the schedule
     if args.openkbp:
-        patient = openkbp.read_patient(args.openkbp)
-        inputs = prepare_openkbp(patient, cfg)
-        ct, masks, reference = patient.ct, patient.masks, patient.dose
+        case = read_case(openkbp_patient=args.openkbp, with_dose=True)
+        patient = case.patient
         title = f"OpenKBP {patient.pid}"
     else:
-        ct, masks = head_and_neck()
-        inputs = prepare_case(ct, masks, cfg)
+        case = Case(*head_and_neck())
         title = "synthetic head-and-neck phantom"
-    _print_warnings(inputs.warnings)
-    bar, update = _progress_bar("Predicting dose")
+    ct, masks = case.ct, case.structures
+    reference = patient.dose if args.openkbp else None
+    doses = (out / "dose.nrrd",) + ((out / f"{patient.pid}.csv",) if args.openkbp else ())
+    bar = _ProgressBar("Predicting dose")
+    make_folder(out)
     try:
-        pred = predict_case(inputs, model, cfg, **_sampler_args(args), seed=args.seed, device=device,
-                            progress=update)
+        pred, _ = run_prediction(case, loaded, Outputs(doses, overwrite=args.overwrite), sampling,
+                                 progress=bar, on_warnings=_print_warnings)
     finally:
         bar.close()
-    make_folder(out)
     if not args.openkbp:
         write_volume(ct, out / "ct.nrrd", overwrite=args.overwrite)
         write_segmentation(masks, out / "structures.seg.nrrd", overwrite=args.overwrite)
-    write_volume(pred.dose, out / "dose.nrrd", overwrite=args.overwrite)
     roi_masks = {k: v.array for k, v in masks.items() if k != "BODY"}
     ref_arr = reference.array if reference is not None else None
     dvh_comparison(ref_arr, pred.dose.array, roi_masks, out / "dvh.png", f"DVH, {title}", overwrite=args.overwrite)
@@ -412,7 +391,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
                              patient.possible_dose.array, ct.spacing, gamma=False)
         print(f"  against the clinical plan: dose score {e.scores['dose_score']:.2f} Gy, "
               f"DVH score {e.scores['dvh_score']:.2f} Gy, MAE in body {e.scores['mae_body']:.2f} Gy")
-        openkbp.write_dose_csv(pred.dose, out / f"{patient.pid}.csv", overwrite=args.overwrite)
     print(f"wrote {', '.join(str(out / n) for n in names)}")
     return 0
 
@@ -621,7 +599,7 @@ def cmd_qa(args: argparse.Namespace) -> int:
     bar = tqdm(desc="Plans checked", unit="plan", total=len(found[0]))
     try:
         summary = qa_cohort(args.dicom_cohort, args.out, args.model, thresholds, dict(args.prescription), mapping,
-                            _sampler_args(args), args.seed, choose_device(args.device), args.overwrite,
+                            _sampling(args, args.seed, choose_device(args.device)), args.overwrite,
                             progress=lambda _k: bar.update(), found=found)
     finally:
         bar.close()
@@ -717,12 +695,10 @@ def _setting(key: str, text: str, default: object) -> object:
 
 
 def _train_settings(items: list[str]) -> "TrainConfig":
-    import dataclasses
+    from .train import MODEL_SETTINGS, TrainConfig
 
-    from .train import TrainConfig
-
-    defaults = TrainConfig()
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    defaults = {**MODEL_SETTINGS, **TrainConfig().recipe()}
+    known = list(defaults)
     overrides = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -731,7 +707,7 @@ def _train_settings(items: list[str]) -> "TrainConfig":
             raise DoseDiffError(f"--set {item!r} is not KEY=VALUE.", "Write e.g. --set steps=20000.")
         if key not in known:
             raise DoseDiffError(f"Unknown training setting {key!r}.", f"Known: {', '.join(known)}.")
-        overrides[key] = _setting(key, text.strip(), getattr(defaults, key))
+        overrides[key] = _setting(key, text.strip(), defaults[key])
     if overrides.get("init"):
         from .modelcard import read_card
 
@@ -740,7 +716,7 @@ def _train_settings(items: list[str]) -> "TrainConfig":
         overrides["init"] = str(resolve(overrides["init"]))  # a registered name or a card path
         card = read_card(overrides["init"])
         overrides = {**_inherited_settings(card, known), **overrides}
-    return TrainConfig(**overrides)
+    return TrainConfig.from_settings(**overrides)
 
 
 # What a warm start keeps from its model's recipe unless set: the network and its inputs, and
@@ -763,9 +739,7 @@ def _inherited_settings(card: dict, known: list[str]) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-    import torch.distributed as dist
-
+    from .distributed import is_main_process, process_group
     from .prepare import check_cache
     from .runtime import choose_device
     from .train import train
@@ -773,20 +747,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     tcfg = _train_settings(args.set or [])
     check_cache(args.cache)
     make_folder(args.run)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = choose_device(args.device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-    try:
+    with process_group(choose_device(args.device)) as device:
         card = train(args.cache, args.run, tcfg, device)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) != 0:  # only rank 0 validates and exports
+    if not is_main_process():  # only rank 0 validates and exports
         return 0
     if not card.exists() and tcfg.val_every == 0:
         print(f"no validation (val_every=0), so no best model: the weights are in {args.run / 'checkpoint.pt'}")

@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 from pydicom.dataset import Dataset
 
-from .config import POSSIBLE_DOSE, ModelConfig
+from .config import POSSIBLE_DOSE, TARGETS, ModelConfig
 from .dicomrt import CT_IMAGE, RT_STRUCT, DicomCase, read_dicom_files, scan_dicom
 from .errors import DoseDiffError
 from .predict import ModelInputs, prepare_case
@@ -109,14 +109,20 @@ def _by_study(loose: list[tuple[Path, Dataset]]) -> list[CohortCase]:
     return out
 
 
-def prepare_cohort_case(case: CohortCase, cfg: ModelConfig, prescriptions: Mapping[str, float] | None = None,
-                        mapping: Mapping[str, str | None] | None = None, need_dose: bool = True) -> PreparedCase:
-    """Read one case and put it on the model's grid; a case that cannot be used raises DoseDiffError."""
+def read_cohort_case(case: CohortCase, need_dose: bool = True) -> DicomCase:
+    """Read one case; a case without structures (or without the plan's dose) raises DoseDiffError."""
     dicom = read_dicom_files(case.files, case.where)
     if not any(ds.SOPClassUID == RT_STRUCT for _, ds in case.files) or not dicom.structures:
         raise DoseDiffError("no RTSTRUCT.", "Export the structure set with the CT.")
     if need_dose and dicom.reference_dose is None:
         raise DoseDiffError("no RTDOSE (the plan's dose is needed).", "Export the plan dose with the CT.")
+    return dicom
+
+
+def prepare_cohort_case(case: CohortCase, cfg: ModelConfig, prescriptions: Mapping[str, float] | None = None,
+                        mapping: Mapping[str, str | None] | None = None, need_dose: bool = True) -> PreparedCase:
+    """Read one case and put it on the model's grid, with the plan's dose for training."""
+    dicom = read_cohort_case(case, need_dose)
     given = {k: v for k, v in (prescriptions or {}).items() if k in dicom.structures}
     inputs = prepare_case(dicom.ct, dicom.structures, cfg, mapping, given, dicom.prescriptions)
     dose = None
@@ -125,6 +131,13 @@ def prepare_cohort_case(case: CohortCase, cfg: ModelConfig, prescriptions: Mappi
         on_grid = resample(dicom.reference_dose, inputs.ct.grid, "linear", default=0.0)
         dose = on_grid.with_array((np.clip(on_grid.array, 0, None) * inputs.scale * (body > 0)).astype(np.float32))
     return PreparedCase(dicom, inputs, inputs.prescription, dose, dicom.warnings + inputs.warnings)
+
+
+def _levels_gy(prepared: PreparedCase) -> list[float]:
+    """The plan's target levels: from its prescriptions, or the model's own for targets matched by name."""
+    if prepared.prescription:
+        return sorted(set(prepared.prescription.levels.values()), reverse=True)
+    return sorted({TARGETS[roi] for roi in prepared.inputs.matched if roi in TARGETS}, reverse=True)
 
 
 def site_of(case: DicomCase) -> str:
@@ -187,8 +200,7 @@ def cache_cohort(root: str | Path, cache: Path, cfg: ModelConfig, prescriptions:
         masks = dict(prepared.inputs.masks)
         entry = cache_case(case.key, prepared.inputs.ct, masks, prepared.dose, cache, cfg)
         entry.update(source="dicom", site=site_of(prepared.case), scale=prepared.scale,
-                     prescriptions_gy=sorted(prepared.prescription.levels.values(), reverse=True)
-                     if prepared.prescription else [])
+                     prescriptions_gy=_levels_gy(prepared))
         add_to_index(index, split, entry, cache)
         row.update(status="used", split=split,
                    targets=prepared.prescription.describe() if prepared.prescription else "by name",

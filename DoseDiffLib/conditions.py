@@ -15,8 +15,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from .config import POSSIBLE_DOSE, ModelConfig
-from .openkbp import ROIS
+from .config import POSSIBLE_DOSE, ROIS, ModelConfig
 from .psdm import psdm
 from .volume import Volume
 

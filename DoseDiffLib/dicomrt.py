@@ -168,7 +168,7 @@ def _scan(folder: Path, warnings: list[str]) -> list[tuple[Path, Dataset]]:
     return found
 
 
-def _pixels(path: Path, ds: Dataset) -> np.ndarray:
+def _pixels(path: Path) -> np.ndarray:
     """The pixel array; a damaged file is told apart from a missing decoder."""
     full = _read(path, headers_only=False)
     if full is None or "PixelData" not in full:
@@ -220,7 +220,7 @@ def _ct_volume(files: list[tuple[Path, Dataset]], warnings: list[str]) -> tuple[
                             "Export the complete series (every slice) from the planning system.")
     arrays = []
     for path, ds in files:
-        a = _pixels(path, ds).astype(np.float32)
+        a = _pixels(path).astype(np.float32)
         arrays.append(a * float(getattr(ds, "RescaleSlope", 1.0)) + float(getattr(ds, "RescaleIntercept", 0.0)))
     arr = np.stack(arrays)
     row_spacing, col_spacing = _spacing(first, first_path)  # between rows (y), between columns (x)
@@ -350,7 +350,7 @@ def _structures(ds: Dataset, ct: Volume, warnings: list[str]) -> dict[str, Volum
     return out
 
 
-def _dose_volume(path: Path, ds: Dataset, warnings: list[str]) -> Volume:
+def _dose_volume(path: Path, ds: Dataset) -> Volume:
     units = str(getattr(ds, "DoseUnits", "")).upper()
     if units != "GY":
         raise DoseDiffError(f"RTDOSE {path.name} is in {units or 'unknown'} units, not Gy (relative doses "
@@ -358,7 +358,7 @@ def _dose_volume(path: Path, ds: Dataset, warnings: list[str]) -> Volume:
     if "DoseGridScaling" not in ds or not str(ds.DoseGridScaling).strip():
         raise DoseDiffError(f"RTDOSE {path.name} has no DoseGridScaling.", "Export it again from the planning system.")
     scaling = float(_numbers(ds, "DoseGridScaling", 1, path)[0])
-    arr = _pixels(path, ds).astype(np.float64) * scaling
+    arr = _pixels(path).astype(np.float64) * scaling
     if arr.ndim == 2:
         arr = arr[None]
     row, col, n = _orientation(ds, path)
@@ -461,7 +461,7 @@ def read_dicom_files(files: list[tuple[Path, Dataset]], where: str, series_uid: 
             raise DoseDiffError(f"RTDOSE {f.name} is in another frame of reference than the CT.",
                                 "Export the plan dose computed on this CT.")
         with _damaged(f, "RTDOSE"):
-            dose = _dose_volume(f, ds, warnings)
+            dose = _dose_volume(f, ds)
         reference = resample(dose, ct.grid, "linear", default=0.0)
         if plan_uid is None and "ReferencedRTPlanSequence" in ds:
             plan_uid = str(ds.ReferencedRTPlanSequence[0].ReferencedSOPInstanceUID)
@@ -613,4 +613,4 @@ def read_rtdose(path: str | os.PathLike) -> Volume:
     if ds is None or ds.get("SOPClassUID") != RT_DOSE:
         raise DoseDiffError(f"{path} is not an RTDOSE file.", "Give the RTDOSE (.dcm) or a dose image.")
     with _damaged(path, "RTDOSE"):
-        return _dose_volume(path, ds, [])
+        return _dose_volume(path, ds)

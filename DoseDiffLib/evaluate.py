@@ -31,21 +31,16 @@ class PatientEvaluation:
 
 
 def roi_metrics(dose: np.ndarray, masks: Mapping[str, np.ndarray], voxel_mm3: float) -> dict[tuple[str, str], float]:
-    """The per-ROI table: D99, D95, D1, Dmean, D0.1cc for every ROI, plus V95%Rx for
-    targets and V20/V30/V50 Gy for organs (OpenKBP percentile conventions)."""
+    """The per-ROI table: metrics.DOSE_METRICS for every ROI (the same function, and so the
+    same names, as the DVH score), plus V95%Rx for targets and V20/V30/V50 Gy for organs."""
     out: dict[tuple[str, str], float] = {}
-    n_tenth_cc = max(1.0, float(np.round(100.0 / voxel_mm3)))
     for roi, m in masks.items():
         if roi not in TARGETS and roi not in OARS:
             continue
         d = dose[m.astype(bool)]
         if d.size == 0:
             continue
-        out[(roi, "D99")] = float(np.percentile(d, 1))
-        out[(roi, "D95")] = float(np.percentile(d, 5))
-        out[(roi, "D1")] = float(np.percentile(d, 99))
-        out[(roi, "Dmean")] = float(d.mean())
-        out[(roi, "D0.1cc")] = float(np.percentile(d, 100.0 - n_tenth_cc / d.size * 100.0))
+        out.update({(roi, k): v for k, v in M.roi_dose_metrics(d, voxel_mm3).items()})
         if roi in TARGETS:
             out[(roi, "V95%Rx")] = M.volume_at_dose_percent(d, 0.95 * TARGETS[roi])
         else:

@@ -3,7 +3,7 @@
 Dose score: sum over all voxels of |reference - prediction| / voxels in the possible-
 dose mask (dose outside the mask is penalised). DVH metrics are numpy percentiles
 (linear interpolation) of the dose inside the reference ROI: targets D99, D95, D1;
-organs D0.1cc and mean. The DVH score pools the absolute differences of every
+organs D0.1cc and Dmean (one naming, DOSE_METRICS, here and in every table). The DVH score pools the absolute differences of every
 (patient, ROI, metric) cell that exists.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from .config import OARS, TARGETS
+from .config import OARS, PEAK_DOSE_GY, TARGETS
 
 
 def dose_score(reference: np.ndarray, prediction: np.ndarray, possible_dose: np.ndarray) -> float:
@@ -22,26 +22,34 @@ def dose_score(reference: np.ndarray, prediction: np.ndarray, possible_dose: np.
     return float(np.abs(reference.astype(np.float64) - prediction).sum() / n)
 
 
+# One naming for every per-ROI dose figure, in the order tables list them. The OpenKBP
+# DVH score counts the first three for targets and the last two for organs.
+DOSE_METRICS = ("D99", "D95", "D1", "Dmean", "D0.1cc")
+SCORED_TARGET_METRICS = ("D99", "D95", "D1")
+SCORED_OAR_METRICS = ("D0.1cc", "Dmean")
+
+
+def roi_dose_metrics(dose_in_roi: np.ndarray, voxel_volume_mm3: float) -> dict[str, float]:
+    """DOSE_METRICS of one non-empty ROI: numpy percentiles (linear interpolation), and
+    D0.1cc as OpenKBP takes it (the hottest round(100 mm3 / voxel) voxels, at least one)."""
+    d = dose_in_roi
+    n_tenth_cc = max(1.0, float(np.round(100.0 / voxel_volume_mm3)))
+    values = (float(np.percentile(d, 1)), float(np.percentile(d, 5)), float(np.percentile(d, 99)),
+              float(d.mean()), float(np.percentile(d, 100.0 - n_tenth_cc / d.size * 100.0)))
+    return dict(zip(DOSE_METRICS, values))
+
+
 def dvh_metrics(dose: np.ndarray, masks: Mapping[str, np.ndarray], voxel_volume_mm3: float,
                 targets: Iterable[str] = tuple(TARGETS), oars: Iterable[str] = OARS) -> dict[tuple[str, str], float]:
-    """{(roi, metric): Gy} for every ROI present (non-empty) in masks."""
+    """{(roi, metric): Gy}: the cells the OpenKBP DVH score counts, for every ROI present (non-empty)."""
     out: dict[tuple[str, str], float] = {}
-    n_tenth_cc = max(1.0, float(np.round(100.0 / voxel_volume_mm3)))
-    for roi in oars:
-        m = masks.get(roi)
-        if m is None or not m.any():
-            continue
-        d = dose[m.astype(bool)]
-        out[(roi, "D_0.1_cc")] = float(np.percentile(d, 100.0 - n_tenth_cc / d.size * 100.0))
-        out[(roi, "mean")] = float(d.mean())
-    for roi in targets:
-        m = masks.get(roi)
-        if m is None or not m.any():
-            continue
-        d = dose[m.astype(bool)]
-        out[(roi, "D_99")] = float(np.percentile(d, 1))
-        out[(roi, "D_95")] = float(np.percentile(d, 5))
-        out[(roi, "D_1")] = float(np.percentile(d, 99))
+    for rois, scored in ((oars, SCORED_OAR_METRICS), (targets, SCORED_TARGET_METRICS)):
+        for roi in rois:
+            m = masks.get(roi)
+            if m is None or not m.any():
+                continue
+            values = roi_dose_metrics(dose[m.astype(bool)], voxel_volume_mm3)
+            out.update({(roi, k): values[k] for k in scored})
     return out
 
 
@@ -73,13 +81,13 @@ def mae_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> f
     return float(np.abs(reference[m] - prediction[m]).mean())
 
 
-def psnr_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = 80.0) -> float:
+def psnr_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = PEAK_DOSE_GY) -> float:
     m = mask.astype(bool)
     mse = float(((reference[m] - prediction[m]) ** 2).mean())
     return float("inf") if mse == 0 else float(10 * np.log10(peak ** 2 / mse))
 
 
-def ssim_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = 80.0,
+def ssim_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray, peak: float = PEAK_DOSE_GY,
             sigma: float = 1.5) -> float:
     """Mean 2-D SSIM (Gaussian window, Wang et al. 2004) over the mask, slice by slice."""
     from scipy.ndimage import gaussian_filter

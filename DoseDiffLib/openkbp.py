@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import POSSIBLE_DOSE, ROIS
 from .errors import DoseDiffError
 from .volume import Volume, atomic_write
 
 SHAPE = (128, 128, 128)
-ROIS = ("Brainstem", "SpinalCord", "RightParotid", "LeftParotid", "Esophagus", "Larynx",
-        "Mandible", "PTV56", "PTV63", "PTV70")
-POSSIBLE_DOSE = "possible_dose_mask"
 CT_OFFSET = 1024.0
 
 

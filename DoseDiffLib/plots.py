@@ -6,6 +6,7 @@ from typing import Mapping
 
 import numpy as np
 
+from .config import TARGETS
 from .volume import atomic_write
 
 COLOURS = {"PTV70": "#d62728", "PTV63": "#ff7f0e", "PTV56": "#e7ba52", "Brainstem": "#9467bd",
@@ -75,7 +76,7 @@ def dose_overlay(ct_hu: np.ndarray, dose: np.ndarray, masks: Mapping[str, np.nda
         crop = tuple(slice(a, b) for a, b in zip(lo, hi))
         ct_hu, dose = ct_hu[crop], dose[crop]
         masks = {n: m[crop] for n, m in masks.items()}
-    target = next((masks[t] for t in ("PTV70", "PTV63", "PTV56") if t in masks and masks[t].any()), None)
+    target = next((masks[t] for t in TARGETS if t in masks and masks[t].any()), None)
     centre = np.argwhere(target).mean(0).round().astype(int) if target is not None else \
         np.array(np.unravel_index(np.argmax(dose), dose.shape))
     k, j, i = centre

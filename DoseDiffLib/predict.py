@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .conditions import STACK_ROIS, SliceStack, active_slices, assemble, gather, mirror_channels, slice_stack
-from .config import POSSIBLE_DOSE, SAMPLERS, TARGETS, ModelConfig, SamplerConfig
+from .conditions import STACK_ROIS, SliceStack, assemble, gather, mirror_channels, slice_stack
+from .config import (BODY_THRESHOLD_HU, HU_MIN_SPAN, HU_NORMALISED_LIMIT, HU_UNRESCALED_MAX, POSSIBLE_DOSE,
+                     SAMPLERS, TARGET_SLAB_MARGIN_MM, TARGETS, ModelConfig, SamplerConfig)
 from .diffusion import Diffusion
 from .errors import Cancelled, DoseDiffError, warn
 from .mmfnet import MMFNet
@@ -29,10 +30,6 @@ from .volume import IDENTITY, Grid, Volume, resample, resample_mask, to_axial
 
 # progress(done, total, message) -> False to cancel
 Progress = Callable[[int, int, str], "bool | None"]
-BODY_THRESHOLD_HU = -350.0
-# In all 169 OpenKBP training plans no voxel farther than 45 mm (cranio-caudally) from
-# the nearest target slice receives 1 Gy; slices beyond 60 mm are not predicted (0 Gy).
-TARGET_SLAB_MARGIN_MM = 60.0
 
 
 @dataclass
@@ -47,6 +44,7 @@ class ModelInputs:
     matched: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     output_grid: Grid | None = None  # the CT as given, when its orientation differed
+    body_on_output: np.ndarray | None = None  # the body on output_grid, so no dose leaves it there
     prescription: PrescriptionMap | None = None  # the plan's targets on the model's levels, and the factor
 
     @property
@@ -73,12 +71,12 @@ def check_ct(ct: Volume) -> None:
         raise DoseDiffError(f"The CT has {a.shape[0]} slice; a dose needs the patient's 3-D anatomy.",
                             "Give the whole planning CT.")
     lo, hi = float(a.min()), float(a.max())
-    if hi <= 10 and lo >= -10 and hi > lo:  # before the constant test: a [0, 1] image spans less than 50
+    if hi <= HU_NORMALISED_LIMIT and lo >= -HU_NORMALISED_LIMIT and hi > lo:  # before the constant test: a [0, 1] image spans less than 50
         raise DoseDiffError(f"The CT looks normalised ({lo:g} to {hi:g}), not in HU.",
                             "Give the original CT in Hounsfield units.")
-    if hi - lo < 50:
+    if hi - lo < HU_MIN_SPAN:
         raise DoseDiffError(f"The CT is nearly constant ({lo:g} to {hi:g}).", "Check that this is the planning CT.")
-    if lo >= -10 and hi > 500:
+    if lo >= -HU_NORMALISED_LIMIT and hi > HU_UNRESCALED_MAX:
         raise DoseDiffError(
             f"The CT is not in Hounsfield units: values run from {lo:g} to {hi:g}, with no air near -1000 "
             "(typical of stored values without the DICOM rescale, or of HU+1024 data).",
@@ -206,7 +204,7 @@ def prepare_case(ct: Volume, structures: Mapping[str, Volume], cfg: ModelConfig,
     targets on the model's dose levels; the prediction is scaled back (prescription.py).
     """
     warnings: list[str] = []
-    given = ct.grid
+    given_ct, given = ct, ct.grid
     ct = to_axial(ct)
     check_ct(ct)
     structures, mapping, pm = _targets_by_prescription(structures, mapping, prescriptions, plan_levels, warnings)
@@ -228,8 +226,21 @@ def prepare_case(ct: Volume, structures: Mapping[str, Volume], cfg: ModelConfig,
     ct_m = resample(ct, grid, "linear", default=-1024.0)
     masks_m = {roi: resample_mask(m, grid) for roi, m in chosen.items()}
     masks_m[POSSIBLE_DOSE] = resample_mask(ct.with_array(body), grid)
-    return ModelInputs(ct_m, masks_m, ct.grid, body, True, matched, warnings,
-                       None if given == ct.grid else given, pm)
+    if given == ct.grid:
+        return ModelInputs(ct_m, masks_m, ct.grid, body, True, matched, warnings, prescription=pm)
+    return ModelInputs(ct_m, masks_m, ct.grid, body, True, matched, warnings, given,
+                       _body_on(given, given_ct, structures.get(body_name) if BODY in matched else None), pm)
+
+
+def _body_on(grid: Grid, ct: Volume, body: Volume | None) -> np.ndarray:
+    """The body on the CT's own (oblique) grid: the structure where given, else thresholded.
+
+    Resampling the dose from the axial grid reaches past the body there, so the dose is
+    masked again on this grid (exact where the structure already lies on it, as in Slicer).
+    """
+    if body is None:
+        return body_from_ct(ct)
+    return body.array if body.grid.close_to(grid) else resample_mask(body, grid).array
 
 
 def prepare_openkbp(patient: OpenKBPPatient, cfg: ModelConfig) -> ModelInputs:
@@ -375,4 +386,5 @@ def _to_ct_grid(inputs: ModelInputs, arr: np.ndarray) -> Volume:
         out = resample(out, inputs.output_grid, "linear", default=0.0)
         body = resample_mask(Volume.on_grid(inputs.body_on_ct, inputs.ct_grid), inputs.output_grid)
         out = out.with_array(out.array * body.array)  # interpolation must not spill dose out of the body
+        out = out.with_array(out.array * (inputs.body_on_output > 0))
     return out

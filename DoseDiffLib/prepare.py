@@ -74,7 +74,7 @@ def check_cache(cache: Path, split: str | None = "train", cfg: ModelConfig | Non
                             "Delete the cache folder and run dosediff prepare again.") from None
     if not isinstance(index, dict) or index.get("version") != CACHE_VERSION:
         found = index.get("version") if isinstance(index, dict) else None
-        raise DoseDiffError(f"The cache {cache} has version {found}, this DoseDiff reads version {CACHE_VERSION}.",
+        raise DoseDiffError(f"The cache {cache} has version {found!r}, this DoseDiff reads version {CACHE_VERSION}.",
                             "Run dosediff prepare into a new cache folder.")
     if index.get("rois") != list(CACHE_ROIS) or index.get("norm") != (cfg or ModelConfig()).to_dict()["norm"] \
             or not isinstance(index.get("splits"), dict):

@@ -15,12 +15,15 @@ import html
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import numpy as np
 
 from .config import OARS
 from .errors import DoseDiffError
+
+if TYPE_CHECKING:
+    from .job import Sampling
 
 QA_FILES = ("qa.csv", "qa.json", "summary.html")
 D2CC_MIN_VOLUME_CC = 4.0
@@ -153,39 +156,45 @@ def _html(flagged: list[dict], rows: list[dict], cases: list[dict], info: Mappin
 
 def qa_cohort(root: Path, out_dir: Path, model_ref, thresholds: Thresholds = Thresholds(),
               prescriptions: Mapping[str, float] | None = None, mapping: Mapping[str, str | None] | None = None,
-              sampler: Mapping | None = None, seed: int = 0, device=None, overwrite: bool = False,
-              progress=None, found=None) -> dict:
+              sampling: "Sampling | None" = None, overwrite: bool = False, progress=None, found=None) -> dict:
     """Predict every plan of a DICOM cohort and compare organ doses; writes the report into out_dir.
 
+    Each plan is predicted by job.run_prediction, as `dosediff predict --dicom` would.
     found: find_cases(root) when the caller has already checked it (no second scan)."""
-    from .cohort import check_prescriptions, find_cases, prepare_cohort_case
+    from .cohort import check_prescriptions, find_cases, read_cohort_case
+    from .job import Case, Sampling, run_prediction
     from .modelcard import load_model
     from .plots import dvh_comparison
-    from .predict import predict_case, resolve_sampler
+    from .predict import resolve_sampler
     from .volume import check_output_folder, make_folder
 
+    sampling = sampling or Sampling(seed=0)
     thresholds.check()
     check_output_folder(out_dir, QA_FILES, overwrite)
     cases, _ = found or find_cases(root)
     check_prescriptions(cases, prescriptions or {})
-    model, cfg, card = load_model(model_ref, device)
-    resolve_sampler(cfg, **(sampler or {}))  # refuses impossible sampler settings before any case
+    loaded = load_model(model_ref, sampling.device)
+    resolve_sampler(loaded[1], **sampling.choice())  # refuses impossible sampler settings before any case
     make_folder(out_dir)
     rows: list[dict] = []
     report_cases: list[dict] = []
     pngs: dict[tuple[str, str], str] = {}
     for case in cases:
+        warnings: list[str] = []
         try:
-            prepared = prepare_cohort_case(case, cfg, prescriptions, mapping, need_dose=True)
+            dicom = read_cohort_case(case, need_dose=True)
+            given = {k: v for k, v in (prescriptions or {}).items() if k in dicom.structures}
+            pred, _ = run_prediction(Case(dicom.ct, dicom.structures, case.where, dicom=dicom,
+                                          warnings=list(dicom.warnings)),
+                                     loaded, sampling=sampling, mapping=mapping, on_warnings=warnings.extend,
+                                     prescriptions=given)
         except DoseDiffError as exc:
             report_cases.append({"case": case.key, "where": case.where, "status": "skipped",
                                  "note": f"{exc.problem} {exc.fix}".strip()})
             continue
-        pred = predict_case(prepared.inputs, model, cfg, **(sampler or {}), seed=seed, device=device)
-        dicom = prepared.case
-        predicted = pred.dose.array  # predict_case scales back to the plan's prescription
+        predicted = pred.dose.array  # at the plan's own prescription (run_prediction scales back)
         plan = dicom.reference_dose.array
-        organs = {roi: (name, dicom.structures[name].array) for roi, name in prepared.inputs.matched.items()
+        organs = {roi: (name, dicom.structures[name].array) for roi, name in pred.info["matched_rois"].items()
                   if roi in OARS and name in dicom.structures}
         case_rows = compare_plan(case.key, plan, predicted, organs, dicom.ct.grid.voxel_volume_mm3(), thresholds)
         rows += case_rows
@@ -195,11 +204,10 @@ def qa_cohort(root: Path, out_dir: Path, model_ref, thresholds: Thresholds = Thr
             dvh_comparison(plan, predicted, {r["organ"]: organs[r["organ"]][1]}, out_dir / name,
                            title=f"{case.key} {r['organ']}: plan (solid) vs prediction (dashed)", overwrite=True)
             pngs[(case.key, r["organ"])] = name
-        note = prepared.prescription.describe() if prepared.prescription else "targets matched by name"
-        report_cases.append({"case": case.key, "where": case.where, "status": "checked", "note": note,
-                             "warnings": prepared.warnings + pred.info.get("warnings", [])})
+        report_cases.append({"case": case.key, "where": case.where, "status": "checked",
+                             "note": pred.info["prescription"], "warnings": warnings})
         if progress:
             progress(case.key)
-    info = {"model": card["name"], "training_data": card.get("training_data", ""),
-            "sampler": pred.info["sampler"] if rows else "", "seed": seed}
+    info = {"model": loaded[2]["name"], "training_data": loaded[2].get("training_data", ""),
+            "sampler": pred.info["sampler"] if rows else "", "seed": sampling.seed}
     return write_report(rows, report_cases, out_dir, info, pngs, thresholds)

@@ -14,33 +14,58 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-from .conditions import STACK_ROIS, SliceStack, assemble, beam_directions, gather
-from .config import POSSIBLE_DOSE, ConditionConfig, ModelConfig
+from . import distributed
+from .conditions import LR_PAIRS, SliceStack, assemble, beam_directions, gather
+from .config import POSSIBLE_DOSE, PRESETS, ConditionConfig, ModelConfig
 from .diffusion import Diffusion
 from .errors import DoseDiffError
 from .losses import sorted_dose_l1
 from .metrics import dose_score, dvh_errors, dvh_metrics, dvh_score
 from .mmfnet import MMFNet
-from .modelcard import save_model
+from .modelcard import read_card, save_model
 from .plots import save_figure
 from .predict import dose_rows, resolve_sampler, sample_dose
+from .prepare import CACHE_ROIS, describe_cache
 
-CACHE_ROIS = STACK_ROIS
+
+# The model settings a run may name (--set preset=small, context=2, ...): shorthands for
+# the ModelConfig it trains, also the flat keys of every recipe a card or checkpoint keeps.
+MODEL_SETTINGS: dict[str, object] = {"preset": "tiny", "prediction": "epsilon", "sampler": "ddim", "context": 0,
+                                     "beams": False}
+
+
+def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampler: str = "ddim",
+                        context: int = 0, beams: bool = False) -> ModelConfig:
+    """The one place the shorthands become a model configuration (every other setting of it,
+    such as an added condition channel, is given as a ModelConfig)."""
+    base = ModelConfig.preset(preset)
+    targets = tuple(n for n, _ in base.conditions.ptv_weights) if beams else ()
+    cfg = base.with_conditions(ConditionConfig(context=context, beam_targets=targets))
+    return replace(cfg, diffusion=replace(cfg.diffusion, prediction=prediction, sampler=sampler))
+
+
+def model_settings(cfg: ModelConfig) -> dict[str, object]:
+    """The shorthands' view of a model configuration ("custom" for a network of no preset)."""
+    preset = next((name for name, net in PRESETS.items()
+                   if replace(net, cond_channels=cfg.net.cond_channels, ct_channels=cfg.net.ct_channels) == cfg.net),
+                  "custom")
+    return {"preset": preset, "prediction": cfg.diffusion.prediction, "sampler": cfg.diffusion.sampler,
+            "context": cfg.conditions.context, "beams": bool(cfg.conditions.beam_targets)}
 
 
 @dataclass
 class TrainConfig:
-    preset: str = "tiny"
-    prediction: str = "epsilon"
+    """A training run: the model it trains and the recipe it trains it by."""
+
+    model: ModelConfig = field(default_factory=model_from_settings)
     steps: int = 20000
     batch_size: int = 16
     lr: float = 1e-4
@@ -60,19 +85,20 @@ class TrainConfig:
     loss: str = "mse"              # mse | l1 (l1: median, what OpenKBP's MAE-type score rewards)
     outside_weight: float = 1.0    # weight of pixels outside the possible-dose mask
     init: str = ""                 # model card whose weights start a new run (warm start)
-    sampler: str = "ddim"          # the named sampler the model is validated with and ships with
     last_step_fraction: float = 0.0    # slices trained at t = T-1, the one-step sampler's only step
-    context: int = 0               # neighbouring slices each side as extra CT / PTV channels
-    beams: bool = False            # beam-line channels for each PTV level
     dvh_weight: float = 0.0        # weight of the per-ROI sorted-dose L1 on the x0 estimate
     max_seconds: float = 0.0       # stop (validated, checkpointed) after this much training time; 0 = no limit
 
-    def model_config(self) -> ModelConfig:
-        base = ModelConfig.preset(self.preset)
-        targets = tuple(n for n, _ in base.conditions.ptv_weights) if self.beams else ()
-        cfg = base.with_conditions(ConditionConfig(context=self.context, beam_targets=targets))
-        diffusion = replace(base.diffusion, prediction=self.prediction, sampler=self.sampler)
-        return ModelConfig(net=cfg.net, conditions=cfg.conditions, norm=cfg.norm, diffusion=diffusion, grid=cfg.grid)
+    @classmethod
+    def from_settings(cls, **settings: object) -> "TrainConfig":
+        """A run from flat settings: --set values, or a recipe a card or checkpoint kept."""
+        shorthands = {k: settings.pop(k) for k in list(settings) if k in MODEL_SETTINGS}
+        return cls(model=model_from_settings(**shorthands), **settings)
+
+    def recipe(self) -> dict[str, object]:
+        """The flat settings (model shorthands first), as cards and checkpoints keep them."""
+        own = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "model"}
+        return {**model_settings(self.model), **own}
 
 
 class SliceCache:
@@ -128,9 +154,10 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
     dose = warp(dose + 1, "zeros") - 1      # pads with 0 Gy (-1)
     ps = warp(ps, "border") * zoom[:, None, None, None]
     if flip.any():
-        r, l = CACHE_ROIS.index("RightParotid"), CACHE_ROIS.index("LeftParotid")
         swapped = ps[flip].clone()
-        swapped[:, [r, l]] = swapped[:, [l, r]]
+        for right, left in LR_PAIRS:
+            r, l = CACHE_ROIS.index(right), CACHE_ROIS.index(left)
+            swapped[:, [r, l]] = swapped[:, [l, r]]
         ps[flip] = swapped
     if ps_ctx is None:
         return ct, ps, dose
@@ -147,7 +174,7 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
 def portable_recipe(tcfg: TrainConfig) -> dict:
     """The recipe as a card keeps it: the warm start named by its card's name and weights'
     checksum, not by a path of the machine that trained it."""
-    recipe = asdict(tcfg)
+    recipe = tcfg.recipe()
     if tcfg.init:
         from .modelcard import read_card
 
@@ -196,23 +223,17 @@ def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> No
 RESUME_MAY_CHANGE = ("steps", "threads", "val_every", "checkpoint_every", "val_patients", "max_seconds")
 
 
-def _check_resume(saved: dict, tcfg: TrainConfig, mcfg: ModelConfig, ckpt: Path) -> None:
+def _check_resume(saved: dict, tcfg: TrainConfig, ckpt: Path) -> None:
     """A checkpoint resumes only the run that wrote it: same model configuration, same recipe."""
-    defaults = asdict(TrainConfig())
+    defaults = TrainConfig().recipe()
     old = saved.get("train_config", {})
-    differ = [f"{k} {old.get(k, defaults[k])!r} -> {v!r}" for k, v in asdict(tcfg).items()
+    differ = [f"{k} {old.get(k, defaults[k])!r} -> {v!r}" for k, v in tcfg.recipe().items()
               if k not in RESUME_MAY_CHANGE and old.get(k, defaults[k]) != v]
-    if ModelConfig.from_dict(json.loads(saved.get("model_config", "{}"))) != mcfg:
+    if ModelConfig.from_dict(json.loads(saved.get("model_config", "{}"))) != tcfg.model:
         differ.append("model configuration")
     if differ:
         raise DoseDiffError(f"{ckpt} was written by a run with other settings ({'; '.join(differ)}).",
                             "Resume with the same --set values, or start a new run folder.")
-
-
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 @torch.no_grad()
@@ -270,130 +291,171 @@ def plot_curves(log_path: Path, png: Path) -> None:
     save_figure(fig, png, 100, overwrite=True)  # the one safe writer: never through a link
 
 
-def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
-          stop: Callable[[], bool] | None = None) -> Path:
-    """Train (or resume from run_dir/checkpoint.pt); returns the best model card path."""
-    rank, world = _dist_info()
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    mcfg = tcfg.model_config()
-    torch.manual_seed(tcfg.seed)
-    # channels-last convolutions run twice as fast on CPU (oneDNN) and suit CUDA tensor cores
-    model = MMFNet(mcfg.net).to(device, memory_format=torch.channels_last)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    # with a time budget the decay comes at decay_at of the budget, else of the steps
-    decayed = [False]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 if decayed[0] or s >= tcfg.decay_at * tcfg.steps else 1.0)
-    g = torch.Generator().manual_seed(tcfg.seed * 1000 + rank)
-    state = {"step": 0, "best": float("inf"), "seconds": 0.0}
-    ckpt = run_dir / "checkpoint.pt"
-    if tcfg.init and not ckpt.exists():
-        _warm_start(model, ema, mcfg, Path(tcfg.init))
-    if ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
-        _check_resume(saved, tcfg, mcfg, ckpt)
-        model.load_state_dict(saved["model"])
-        ema.load_state_dict(saved["ema"])
-        opt.load_state_dict(saved["opt"])
-        sched.load_state_dict(saved["sched"])
-        g.set_state(saved["rng"][rank] if rank < len(saved["rng"]) else saved["rng"][0])
-        state = saved["state"]
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    data = SliceCache(cache, "train")
-    val = SliceCache(cache, "validation") if rank == 0 and tcfg.val_every else None
-    diffusion = Diffusion(mcfg.diffusion)
-    log_path = run_dir / "log.jsonl"
-    best_card = run_dir / "best.json"
-    t_start = time.time() - state["seconds"]
-    model.train()
+def _training_data(cache: Path, init: str | None) -> tuple[str, dict]:
+    """The card's account of the data (prepare.describe_cache), with the warm start's own."""
+    index = json.loads((cache / "index.json").read_text())
+    init_card = read_card(init) if init and Path(init).is_file() else None
+    return describe_cache(index, init_card)
 
-    def save_checkpoint() -> None:
-        rngs = [g.get_state()]
-        if world > 1:
-            gathered = [torch.empty_like(rngs[0]) for _ in range(world)]
-            dist.all_gather(gathered, rngs[0])
-            rngs = gathered
-            # a cheap proof that DDP keeps every replica identical
-            total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1).cpu()
-            sums = [torch.zeros_like(total) for _ in range(world)]
-            dist.all_gather(sums, total)
-            if rank == 0:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps({"step": state["step"], "replica_param_sums": [float(x) for x in sums]}) + "\n")
-        if rank != 0:
-            return
-        state["seconds"] = time.time() - t_start
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                    "sched": sched.state_dict(), "rng": rngs, "state": state,
-                    "train_config": asdict(tcfg), "model_config": json.dumps(mcfg.to_dict())}, tmp)
-        os.replace(tmp, ckpt)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    while state["step"] < tcfg.steps:
-        idx = torch.randint(0, len(data), (tcfg.batch_size,), generator=g).numpy()
+class TrainLoop:
+    """One training run, as guided-diffusion's TrainLoop: set-up (or resume), then steps,
+    each followed by the EMA update, and validation (exporting the best model) and
+    checkpoints when due."""
+
+    def __init__(self, cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
+                 stop: Callable[[], bool] | None = None) -> None:
+        self.tcfg, self.mcfg, self.device, self.stop = tcfg, tcfg.model, device, stop
+        self.rank, self.world = distributed.rank_and_world()
+        if tcfg.threads:
+            torch.set_num_threads(tcfg.threads)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(tcfg.seed)
+        # channels-last convolutions run twice as fast on CPU (oneDNN) and suit CUDA tensor cores
+        self.model = MMFNet(self.mcfg.net).to(device, memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+        # with a time budget the decay comes at decay_at of the budget, else of the steps
+        self.decayed = False
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: 0.1 if self.decayed or s >= tcfg.decay_at * tcfg.steps else 1.0)
+        self.g = torch.Generator().manual_seed(tcfg.seed * 1000 + self.rank)
+        self.state = {"step": 0, "best": float("inf"), "seconds": 0.0}
+        self.ckpt = run_dir / "checkpoint.pt"
+        if tcfg.init and not self.ckpt.exists():
+            _warm_start(self.model, self.ema, self.mcfg, Path(tcfg.init))
+        if self.ckpt.exists():
+            self.resume()
+        self.net = distributed.wrap(self.model, device)
+        self.data = SliceCache(cache, "train")
+        self.training_data = _training_data(cache, tcfg.init)
+        self.val = SliceCache(cache, "validation") if self.rank == 0 and tcfg.val_every else None
+        self.diffusion = Diffusion(self.mcfg.diffusion)
+        self.run_dir, self.log_path, self.best_card = run_dir, run_dir / "log.jsonl", run_dir / "best.json"
+        self.t_start = time.time() - self.state["seconds"]
+        self.model.train()
+
+    def resume(self) -> None:
+        """Continue from the checkpoint, refused when it was written with other settings."""
+        saved = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        _check_resume(saved, self.tcfg, self.ckpt)
+        self.model.load_state_dict(saved["model"])
+        self.ema.load_state_dict(saved["ema"])
+        self.opt.load_state_dict(saved["opt"])
+        self.sched.load_state_dict(saved["sched"])
+        self.g.set_state(saved["rng"][self.rank] if self.rank < len(saved["rng"]) else saved["rng"][0])
+        self.state = saved["state"]
+
+    def seconds(self) -> float:
+        return time.time() - self.t_start
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on a random batch; returns (loss, gradient norm)."""
+        tcfg, mcfg, device, g = self.tcfg, self.mcfg, self.device, self.g
+        idx = torch.randint(0, len(self.data), (tcfg.batch_size,), generator=g).numpy()
         # augmentation and channels on the training device: on a GPU the CPU only gathers slices
-        ct, ps, ps_ctx, dose = (x.to(device, non_blocking=True) for x in data.batch(idx, mcfg))
+        ct, ps, ps_ctx, dose = (x.to(device, non_blocking=True) for x in self.data.batch(idx, mcfg))
         ct, ps, dose, ps_ctx, beams = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(idx)))
         ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams)
         ct = ct.contiguous(memory_format=torch.channels_last)
         cond = cond.contiguous(memory_format=torch.channels_last)
         inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None]
         weight = torch.where(inside, 1.0, tcfg.outside_weight)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
         with autocast:
-            loss, x0 = diffusion.loss(lambda x, t: net(x, t, ct, cond), dose, generator=g, kind=tcfg.loss,
-                                      weight=weight, last_step_fraction=tcfg.last_step_fraction, with_x0=True)
+            loss, x0 = self.diffusion.loss(lambda x, t: self.net(x, t, ct, cond), dose, generator=g, kind=tcfg.loss,
+                                           weight=weight, last_step_fraction=tcfg.last_step_fraction, with_x0=True)
             if tcfg.dvh_weight:
                 rois = ps[:, [CACHE_ROIS.index(r) for r in mcfg.conditions.rois]] > 0
                 loss = loss + tcfg.dvh_weight * sorted_dose_l1(x0.float(), dose.float(), rois)
-        opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
         if not torch.isfinite(gnorm):  # gradients are all-reduced: every process stops here together
-            raise DoseDiffError(f"Training diverged at step {state['step'] + 1}: loss {loss.item():.3g}, gradients "
-                                f"not finite; {ckpt.name} keeps the last good checkpoint, no model was exported.",
-                                f"Start a new run folder with a lower lr (now {tcfg.lr:g}), or check the cache.")
-        opt.step()
-        sched.step()
-        with torch.no_grad():  # warm-up: early on the average must not be dominated by the initialisation
-            decay = min(tcfg.ema_decay, (1 + state["step"]) / (10 + state["step"]))
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
-            for be, bm in zip(ema.buffers(), model.buffers()):
-                be.copy_(bm)
-        state["step"] += 1
-        step = state["step"]
-        if rank == 0 and (step % 20 == 0 or step == 1):
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps({"step": step, "loss": loss.item(), "grad_norm": gnorm.item(),
-                                     "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t_start, 1),
-                                     "slices_per_s": round(step * tcfg.batch_size * world / max(time.time() - t_start, 1e-6), 2)}) + "\n")
-        out_of_time = tcfg.max_seconds > 0 and time.time() - t_start > tcfg.max_seconds
-        decayed[0] = tcfg.max_seconds > 0 and time.time() - t_start > tcfg.decay_at * tcfg.max_seconds
-        done = step == tcfg.steps or out_of_time or (stop is not None and stop())
-        if val is not None and (step % tcfg.val_every == 0 or done):
-            v = validate(ema, mcfg, val, tcfg.val_patients, device)
-            v.update(step=step, seconds=round(time.time() - t_start, 1))
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(v) + "\n")
-            if v["dose_score"] < state["best"]:
-                state["best"] = v["dose_score"]
-                curve = [{k: r[k] for k in ("step", "dose_score", "dvh_score")}
-                         for r in map(json.loads, log_path.read_text().splitlines()) if "dose_score" in r]
-                info = {"training": {"recipe": portable_recipe(tcfg), "step": step,
-                                     "wall_clock_s": round(time.time() - t_start),
-                                     "selection": f"EMA weights, best dose score on {v['patients']} validation patients",
-                                     "learning_curve": curve},
-                        "validation_subset": v}
-                save_model(ema, mcfg, best_card, info, half=True, overwrite=True)
-            plot_curves(log_path, run_dir / "curves.png")
-        if done or step % tcfg.checkpoint_every == 0:
-            save_checkpoint()
-        if done:
-            break
-    return best_card
+            raise DoseDiffError(f"Training diverged at step {self.state['step'] + 1}: loss {loss.item():.3g}, "
+                                f"gradients not finite; {self.ckpt.name} keeps the last good checkpoint, no model "
+                                "was exported.", f"Start a new run folder with a lower lr (now {tcfg.lr:g}), "
+                                "or check the cache.")
+        self.opt.step()
+        self.sched.step()
+        return loss, gnorm
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Move the EMA towards the weights; early on the average must not be dominated by the initialisation."""
+        decay = min(self.tcfg.ema_decay, (1 + self.state["step"]) / (10 + self.state["step"]))
+        for pe, pm in zip(self.ema.parameters(), self.model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+        for be, bm in zip(self.ema.buffers(), self.model.buffers()):
+            be.copy_(bm)
+
+    def log(self, row: dict) -> None:
+        with open(self.log_path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def validate(self) -> None:
+        """Score the EMA on the validation subset; a better dose score exports the best model."""
+        step = self.state["step"]
+        v = validate(self.ema, self.mcfg, self.val, self.tcfg.val_patients, self.device)
+        v.update(step=step, seconds=round(self.seconds(), 1))
+        self.log(v)
+        if v["dose_score"] < self.state["best"]:
+            self.state["best"] = v["dose_score"]
+            curve = [{k: r[k] for k in ("step", "dose_score", "dvh_score")}
+                     for r in map(json.loads, self.log_path.read_text().splitlines()) if "dose_score" in r]
+            text, data = self.training_data
+            info = {"training_data": text,
+                    "training": {"recipe": portable_recipe(self.tcfg), "data": data, "step": step,
+                                 "wall_clock_s": round(self.seconds()),
+                                 "selection": f"EMA weights, best dose score on {v['patients']} validation patients",
+                                 "learning_curve": curve},
+                    "validation_subset": v}
+            save_model(self.ema, self.mcfg, self.best_card, info, half=True, overwrite=True)
+        plot_curves(self.log_path, self.run_dir / "curves.png")
+
+    def save_checkpoint(self) -> None:
+        """Weights, EMA, optimiser, schedule, every process's random state and the settings."""
+        rngs = distributed.gather(self.g.get_state())
+        if self.world > 1:  # a cheap proof that DDP keeps every replica identical
+            total = torch.stack([p.detach().double().sum() for p in self.model.parameters()]).sum().reshape(1).cpu()
+            sums = distributed.gather(total)
+            if self.rank == 0:
+                self.log({"step": self.state["step"], "replica_param_sums": [float(x) for x in sums]})
+        if self.rank != 0:
+            return
+        self.state["seconds"] = self.seconds()
+        tmp = self.ckpt.with_suffix(".tmp")
+        torch.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                    "sched": self.sched.state_dict(), "rng": rngs, "state": self.state,
+                    "train_config": self.tcfg.recipe(), "model_config": json.dumps(self.mcfg.to_dict())}, tmp)
+        os.replace(tmp, self.ckpt)
+
+    def run(self) -> Path:
+        """Train to tcfg.steps (or the time budget, or stop()); returns the best model card's path."""
+        tcfg = self.tcfg
+        while self.state["step"] < tcfg.steps:
+            loss, gnorm = self.step()
+            self.update_ema()
+            self.state["step"] += 1
+            step = self.state["step"]
+            if self.rank == 0 and (step % 20 == 0 or step == 1):
+                self.log({"step": step, "loss": loss.item(), "grad_norm": gnorm.item(),
+                          "lr": self.sched.get_last_lr()[0], "seconds": round(self.seconds(), 1),
+                          "slices_per_s": round(step * tcfg.batch_size * self.world / max(self.seconds(), 1e-6), 2)})
+            out_of_time = tcfg.max_seconds > 0 and self.seconds() > tcfg.max_seconds
+            self.decayed = tcfg.max_seconds > 0 and self.seconds() > tcfg.decay_at * tcfg.max_seconds
+            done = step == tcfg.steps or out_of_time or (self.stop is not None and self.stop())
+            if self.val is not None and (step % tcfg.val_every == 0 or done):
+                self.validate()
+            if done or step % tcfg.checkpoint_every == 0:
+                self.save_checkpoint()
+            if done:
+                break
+        return self.best_card
+
+
+def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
+          stop: Callable[[], bool] | None = None) -> Path:
+    """Train (or resume from run_dir/checkpoint.pt); returns the best model card path."""
+    return TrainLoop(cache, run_dir, tcfg, device, stop).run()

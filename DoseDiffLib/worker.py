@@ -1,9 +1,8 @@
 """The prediction child process the Slicer module starts: `python -m DoseDiffLib.worker JOB.json`.
 
-It runs the same library calls as `dosediff predict --ct ... --structures ...` (registry,
-load_model, prepare_case, predict_case, write_volume), so Slicer and the command line
-cannot drift apart. Slicer stays responsive because all of it, model loading included,
-happens here. Progress, the result and a failure are reported as one JSON object per
+It runs the one prediction path, `job.run_prediction`, as `dosediff predict` does, so
+Slicer and the command line cannot drift apart. Slicer stays responsive because all of
+it, model loading included, happens here. Progress, the result and a failure are reported as one JSON object per
 stdout line after the prefix `DOSEDIFF `; anything else on stdout is ignored by the reader.
 """
 from __future__ import annotations
@@ -26,8 +25,8 @@ def emit(event: str, **payload: Any) -> None:
 def read_on_own_grid(path: str | Path):
     """An image as written, without read_volume's reorientation: the dose must come back on the CT node's grid.
 
-    prepare_case takes any orientation and predict_case returns the dose on the CT's own grid,
-    so the Slicer volume's voxels and the dose's voxels coincide one to one.
+    The prediction takes any orientation and returns the dose on the CT's own grid, so the
+    Slicer volume's voxels and the dose's voxels coincide one to one.
     """
     import SimpleITK as sitk
 
@@ -50,40 +49,26 @@ def read_masks(folder: str | Path) -> dict[str, Any]:
 def run(job: dict[str, Any]) -> None:
     """Predict the dose the job file describes and write it where the job says."""
     emit("progress", done=0, total=0, message="Loading the model")
+    from .job import Case, Outputs, Sampling, run_prediction
     from .modelcard import load_model
-    from .predict import body_from_ct, predict_case, prepare_case
     from .registry import resolve
-    from .rois import BODY
     from .runtime import choose_device
-    from .volume import write_volume
 
     device = choose_device(job.get("device", "auto"))
-    model, cfg, card = load_model(resolve(job["model"]), device)
+    loaded = load_model(resolve(job["model"]), device)
     emit("progress", done=0, total=0, message="Preparing the CT and structures")
-    ct = read_on_own_grid(job["ct"])
-    masks = read_masks(job["structures"])
-    inputs = prepare_case(ct, masks, cfg, job.get("mapping") or None)
+    case = Case(read_on_own_grid(job["ct"]), read_masks(job["structures"]), str(job["ct"]))
     # sampler/steps/samples left out (None) mean the model card's validated sampler, as on the command line
-    sampler = {k: int(job[k]) for k in ("steps", "samples") if job.get(k)}
-    if job.get("sampler"):
-        sampler["sampler"] = str(job["sampler"])
+    sampling = Sampling(str(job["sampler"]) if job.get("sampler") else None, int(job["steps"]) if job.get("steps") else None,
+                        int(job["samples"]) if job.get("samples") else None, seed=job.get("seed"), device=device)
+    outputs = Outputs((Path(job["dose"]),), Path(job["std"]) if job.get("with_std") else None, overwrite=True)
 
     def progress(done: int, total: int, message: str) -> None:
         emit("progress", done=done, total=total, message=message)
 
-    pred = predict_case(inputs, model, cfg, **sampler, seed=job.get("seed"), device=device,
-                        with_std=bool(job.get("with_std")), progress=progress)
-    dose, std = pred.dose, pred.std
-    if inputs.output_grid is not None:
-        # predict_case masks the body on the axial grid and then resamples; on an oblique CT that
-        # interpolation reaches past the body, so the body is applied again on the CT's own grid.
-        body_name = inputs.matched.get(BODY)
-        body = masks[body_name].array if body_name else body_from_ct(ct)
-        dose = dose.with_array(dose.array * (body > 0))
-        std = std.with_array(std.array * (body > 0)) if std is not None else None
-    write_volume(dose, job["dose"], overwrite=True)
-    std_path = str(write_volume(std, job["std"], overwrite=True)) if std is not None else None
-    info = dict(pred.info, model=card["name"], model_sha256=card["weights"]["sha256"])
+    pred, written = run_prediction(case, loaded, outputs, sampling, job.get("mapping") or None, progress)
+    std_path = str(written["std"]) if "std" in written else None
+    info = dict(pred.info, model=loaded[2]["name"], model_sha256=loaded[2]["weights"]["sha256"])
     emit("result", dose=job["dose"], std=std_path, info=info)
 
 

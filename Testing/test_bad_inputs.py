@@ -725,14 +725,12 @@ def unexpected_error_names_its_trace(root, card, monkeypatch):
 
 def _resume(root: Path, *changed: str) -> list[str]:
     """A run folder whose checkpoint says how it was started, resumed with other settings."""
-    from dataclasses import asdict
-
     from DoseDiffLib.config import ModelConfig
     from DoseDiffLib.train import TrainConfig
 
     (root / "run").mkdir()
-    tcfg = TrainConfig(preset="test")
-    torch.save({"train_config": asdict(tcfg), "model_config": json.dumps(ModelConfig.preset("test").to_dict())},
+    tcfg = TrainConfig.from_settings(preset="test")
+    torch.save({"train_config": tcfg.recipe(), "model_config": json.dumps(ModelConfig.preset("test").to_dict())},
                root / "run" / "checkpoint.pt")
     return _train(root, "preset=test", *changed)
 

@@ -21,12 +21,21 @@ def case(tmp_path, phantom):
 def test_predict_writes_dose_on_the_ct_geometry(case, test_card, capsys):
     rc = main(["predict", "--ct", str(case / "ct.nrrd"), "--structures", str(case / "s.seg.nrrd"),
                "--model", str(test_card), "--out", str(case / "dose.nrrd"), "--steps", "2", "--seed", "1",
-               "--samples", "2", "--std-out", str(case / "std.nrrd")])
+               "--samples", "2", "--std-out", str(case / "std.nrrd"), "--uncalibrated-std"])
     assert rc == 0
     ct, dose = read_volume(case / "ct.nrrd"), read_volume(case / "dose.nrrd")
     assert dose.grid.close_to(ct.grid) and read_volume(case / "std.nrrd").grid.close_to(ct.grid)
     report = json.loads(capsys.readouterr().out)
     assert report["seed"] == 1 and report["samples"] == 2
+
+
+def test_an_uncalibrated_sd_map_is_refused_before_any_work(case, capsys):
+    """The bundled card measured its spread (42 % coverage of a nominal 95 %): no SD map by default."""
+    rc = main(["predict", "--ct", str(case / "ct.nrrd"), "--structures", str(case / "s.seg.nrrd"),
+               "--out", str(case / "dose.nrrd"), "--sampler", "ddim", "--std-out", str(case / "sd.nrrd")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "not a calibrated uncertainty" in err and "42%" in err and "--uncalibrated-std" in err
+    assert not (case / "dose.nrrd").exists() and not (case / "sd.nrrd").exists()
 
 
 def test_existing_output_is_refused_and_kept(case, test_card, capsys):

@@ -23,26 +23,26 @@ def test_dvh_metrics_hand_computed():
     oar[0, :2, :] = True  # doses 1..20
     # 2 x 2 x 2.5 mm voxels = 10 mm3: 0.1 cc = 10 voxels
     m = dvh_metrics(dose, {"PTV70": ptv, "SpinalCord": oar}, voxel_volume_mm3=10.0)
-    assert m[("PTV70", "D_99")] == pytest.approx(np.percentile(np.arange(1, 101), 1))  # 1.99
-    assert m[("PTV70", "D_99")] == pytest.approx(1.99)
-    assert m[("PTV70", "D_95")] == pytest.approx(5.95)
-    assert m[("PTV70", "D_1")] == pytest.approx(99.01)
-    assert m[("SpinalCord", "mean")] == pytest.approx(10.5)
+    assert m[("PTV70", "D99")] == pytest.approx(np.percentile(np.arange(1, 101), 1))  # 1.99
+    assert m[("PTV70", "D99")] == pytest.approx(1.99)
+    assert m[("PTV70", "D95")] == pytest.approx(5.95)
+    assert m[("PTV70", "D1")] == pytest.approx(99.01)
+    assert m[("SpinalCord", "Dmean")] == pytest.approx(10.5)
     # percentile at 100 - 10/20*100 = 50 % of doses 1..20 -> 10.5
-    assert m[("SpinalCord", "D_0.1_cc")] == pytest.approx(10.5)
-    assert ("PTV56", "D_99") not in m and ("Larynx", "mean") not in m  # missing ROIs: no cell
+    assert m[("SpinalCord", "D0.1cc")] == pytest.approx(10.5)
+    assert ("PTV56", "D99") not in m and ("Larynx", "Dmean") not in m  # missing ROIs: no cell
 
 
 def test_tiny_roi_uses_at_least_one_voxel():
     dose = np.array([[[5.0, 9.0, 7.0]]])
     roi = np.ones_like(dose, bool)
     m = dvh_metrics(dose, {"Larynx": roi}, voxel_volume_mm3=500.0)  # 0.1 cc < 1 voxel -> n = 1
-    assert m[("Larynx", "D_0.1_cc")] == pytest.approx(np.percentile([5, 9, 7], 100 - 100 / 3))
+    assert m[("Larynx", "D0.1cc")] == pytest.approx(np.percentile([5, 9, 7], 100 - 100 / 3))
 
 
 def test_dvh_score_pools_cells_not_patients():
-    a = {("PTV70", "D_99"): 1.0, ("PTV70", "D_95"): 3.0}
-    b = {("SpinalCord", "mean"): 8.0}
+    a = {("PTV70", "D99"): 1.0, ("PTV70", "D95"): 3.0}
+    b = {("SpinalCord", "Dmean"): 8.0}
     # pooled over 3 cells: (1 + 3 + 8) / 3 = 4, not the mean of patient means (2 + 8) / 2 = 5
     assert dvh_score([a, b]) == pytest.approx(4.0)
     assert dvh_errors({("x", "y"): 5.0}, {("x", "y"): 7.5}) == {("x", "y"): 2.5}
@@ -103,3 +103,19 @@ def test_slice_streak_is_the_mean_step_between_neighbouring_slices_inside_the_ma
     mask[3] = False        # the 2|3 pair leaves the mask
     assert slice_streak(dose, mask) == pytest.approx(2.0)
     assert slice_streak(np.linspace(0, 9, 10)[:, None, None] * np.ones((10, 3, 3)), np.ones((10, 3, 3))) == 1.0
+
+
+def test_the_dvh_score_cells_are_the_roi_tables_figures_under_the_same_names():
+    dose = np.arange(1, 101, dtype=float).reshape(1, 10, 10)
+    ptv = np.ones_like(dose, bool)
+    oar = np.zeros_like(dose, bool)
+    oar[0, :2, :] = True  # doses 1..20: mean 10.5, D0.1cc at the 50th percentile (10 of 20 voxels) 10.5
+    from DoseDiffLib.evaluate import roi_metrics
+
+    masks = {"PTV70": ptv, "SpinalCord": oar}
+    cells = dvh_metrics(dose, masks, voxel_volume_mm3=10.0)
+    table = roi_metrics(dose, masks, voxel_mm3=10.0)
+    assert set(cells) == {("SpinalCord", "D0.1cc"), ("SpinalCord", "Dmean"),
+                          ("PTV70", "D99"), ("PTV70", "D95"), ("PTV70", "D1")}
+    assert all(table[k] == cells[k] for k in cells)
+    assert table[("SpinalCord", "D1")] == pytest.approx(19.81) and table[("PTV70", "Dmean")] == pytest.approx(50.5)

@@ -1,6 +1,7 @@
 """Training: augmentation physics, cache, resumable runs and two-process DDP in sync."""
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from DoseDiffLib.config import ModelConfig
+from DoseDiffLib.errors import DoseDiffError
 from DoseDiffLib.prepare import CACHE_ROIS
 from DoseDiffLib.train import TrainConfig, augment
 
@@ -30,7 +32,7 @@ def blobs(n=32):
 
 
 def test_batches_carry_context_slices_and_the_dose():
-    cfg = TrainConfig(preset="test", context=1).model_config()
+    cfg = TrainConfig.from_settings(preset="test", context=1).model
     from DoseDiffLib.train import SliceCache
 
     with __import__("tempfile").TemporaryDirectory() as d:
@@ -106,13 +108,13 @@ def test_training_resumes_exactly(tmp_path):
     cache = make_cache(tmp_path)
     common = dict(preset="test", steps=4, batch_size=2, val_every=2, val_patients=1, sampler="regression",
                   checkpoint_every=2, threads=1)
-    train(cache, tmp_path / "a", TrainConfig(**common), torch.device("cpu"))
+    train(cache, tmp_path / "a", TrainConfig.from_settings(**common), torch.device("cpu"))
     # interrupted after 2 steps, then resumed to 4
-    train(cache, tmp_path / "b", TrainConfig(**{**common, "steps": 4}), torch.device("cpu"),
+    train(cache, tmp_path / "b", TrainConfig.from_settings(**{**common, "steps": 4}), torch.device("cpu"),
           stop=lambda: True)  # stops at step 1 with a checkpoint
     ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert ck["state"]["step"] == 1
-    train(cache, tmp_path / "b", TrainConfig(**common), torch.device("cpu"))
+    train(cache, tmp_path / "b", TrainConfig.from_settings(**common), torch.device("cpu"))
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
     assert a["state"]["step"] == b["state"]["step"] == 4
@@ -167,15 +169,17 @@ def test_warm_start_begins_from_the_card_and_refuses_another_configuration(tmp_p
     common = dict(preset="test", prediction="epsilon", steps=1, batch_size=2, val_every=0, checkpoint_every=1,
                   threads=1, lr=0.0, weight_decay=0.0, init=str(tmp_path / "start.json"), loss="l1",
                   outside_weight=0.1)
-    train(cache, tmp_path / "run", TrainConfig(**common), torch.device("cpu"))
+    train(cache, tmp_path / "run", TrainConfig.from_settings(**common), torch.device("cpu"))
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     for k, v in start.state_dict().items():  # lr 0: one step leaves the warm start unchanged
         assert torch.equal(ck["model"][k], v), k
     with pytest.raises(ValueError, match="another model configuration"):
-        train(cache, tmp_path / "run2", TrainConfig(**{**common, "prediction": "x0"}), torch.device("cpu"))
+        train(cache, tmp_path / "run2", TrainConfig.from_settings(**{**common, "prediction": "x0"}),
+              torch.device("cpu"))
     # the card a warm-started run writes names its start by name and checksum, not by path
-    card = train(cache, tmp_path / "run3", TrainConfig(**{**common, "val_every": 1, "val_patients": 1,
-                                                          "sampler": "regression"}), torch.device("cpu"))
+    card = train(cache, tmp_path / "run3", TrainConfig.from_settings(**{**common, "val_every": 1, "val_patients": 1,
+                                                                        "sampler": "regression"}),
+                 torch.device("cpu"))
     text = card.read_text()
     assert str(tmp_path) not in text and json.loads(text)["training"]["recipe"]["init"]["name"]
     assert json.loads(text)["training"]["learning_curve"][0]["step"] == 1
@@ -196,8 +200,8 @@ def test_warm_start_with_appended_channels_keeps_the_trained_function(tmp_path):
     for p in old.parameters():
         torch.nn.init.normal_(p, std=0.05)
     save_model(old, old_cfg, tmp_path / "old.json", {}, half=False)
-    tcfg = TrainConfig(preset="test", context=1, beams=True)
-    new_cfg = tcfg.model_config()
+    tcfg = TrainConfig.from_settings(preset="test", context=1, beams=True)
+    new_cfg = tcfg.model
     assert new_cfg.net.ct_channels == 3 and new_cfg.net.cond_channels == old_cfg.net.cond_channels + 2 + 3
     new = MMFNet(new_cfg.net)
     _warm_start(new, copy.deepcopy(new), new_cfg, tmp_path / "old.json")
@@ -211,7 +215,7 @@ def test_warm_start_with_appended_channels_keeps_the_trained_function(tmp_path):
         assert not torch.allclose(old(x, t, c[:, :1], k[:, :old_cfg.net.cond_channels]),
                                   old(x, t, c[:, :1], torch.zeros_like(k[:, :old_cfg.net.cond_channels])))
     # a model whose existing channels differ is not a warm start
-    other = TrainConfig(preset="test", context=1, beams=True).model_config()
+    other = TrainConfig.from_settings(preset="test", context=1, beams=True).model
     from dataclasses import replace
     other = other.with_conditions(replace(other.conditions, masks=other.conditions.masks[::-1]))
     with pytest.raises(ValueError, match="another model configuration"):
@@ -252,7 +256,7 @@ def test_an_added_input_channel_reaches_training_the_card_and_prediction(tmp_pat
     from DoseDiffLib.train import train
 
     cache = make_cache(tmp_path)
-    tcfg = TrainConfig(preset="test", steps=1, batch_size=2, val_every=1, val_patients=1, threads=1,
+    tcfg = TrainConfig.from_settings(preset="test", steps=1, batch_size=2, val_every=1, val_patients=1, threads=1,
                        sampler="regression", context=1, beams=True)
     card = train(cache, tmp_path / "run", tcfg, torch.device("cpu"))
     net, cfg, meta = load_model(card)
@@ -290,3 +294,79 @@ def test_training_needs_neither_simpleitk_nor_pydicom():
             "import DoseDiffLib.prepare, DoseDiffLib.train, DoseDiffLib.cli; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_a_condition_channel_named_only_in_the_configuration_reaches_training_the_card_and_prediction(
+        tmp_path, monkeypatch):
+    """One more input channel (the PTV56 mask), added to the ModelConfig and nowhere else."""
+    from dataclasses import replace
+
+    import DoseDiffLib.predict as predict
+    import DoseDiffLib.train as training
+    from DoseDiffLib.job import Case, run_prediction
+    from DoseDiffLib.modelcard import load_model
+    from DoseDiffLib.phantom import head_and_neck
+
+    base = ModelConfig.preset("test")
+    cfg = base.with_conditions(replace(base.conditions, masks=base.conditions.masks + ("PTV56",)))
+    cfg = replace(cfg, diffusion=replace(cfg.diffusion, sampler="regression"))
+    channel = cfg.conditions.channel_names().index("mask:PTV56")
+    assert cfg.conditions.n_channels == base.conditions.n_channels + 1
+
+    def recording(module, seen):
+        real = module.assemble
+
+        def assemble(*a, **k):
+            ct, cond = real(*a, **k)
+            seen.append((cond.shape[1], float(cond[:, channel].sum())))
+            return ct, cond
+        monkeypatch.setattr(module, "assemble", assemble)
+        return seen
+
+    trained, predicted = recording(training, []), recording(predict, [])
+    tcfg = TrainConfig(model=cfg, steps=1, batch_size=2, val_every=1, val_patients=1, threads=1)
+    card = training.train(make_cache(tmp_path), tmp_path / "run", tcfg, torch.device("cpu"))
+    assert trained and all(width == cfg.conditions.n_channels for width, _ in trained)
+    net, loaded, meta = load_model(card)
+    assert loaded == cfg and "mask:PTV56" in meta["condition_channels"]
+    assert net.enc_cond[0][0].in_channels == cfg.conditions.n_channels
+    assert meta["training"]["recipe"]["preset"] == "test"   # the recipe's flat view still reads
+    predicted.clear()
+    ct, masks = head_and_neck(shape=(12, 32, 32), spacing=(4.0, 4.0, 3.0))
+    pred, _ = run_prediction(Case(ct, masks), (net, loaded, meta))
+    assert predicted and all(width == cfg.conditions.n_channels for width, _ in predicted)
+    assert any(total > 0 for _, total in predicted)          # the phantom's PTV56 is in the channel
+    assert pred.dose.array.shape == ct.array.shape and np.isfinite(pred.dose.array).all()
+
+
+def test_recipes_written_before_the_run_held_its_model_configuration_still_read():
+    """The bundled card's flat recipe gives back exactly the configuration the card holds."""
+    from DoseDiffLib.modelcard import read_card
+    from DoseDiffLib.registry import resolve
+    from DoseDiffLib.train import _check_resume
+
+    card = read_card(resolve("dosediff-openkbp"))
+    recipe = {k: v for k, v in card["training"]["recipe"].items() if k != "init"}
+    tcfg = TrainConfig.from_settings(**recipe)
+    assert tcfg.model == ModelConfig.from_dict(card["config"])
+    assert {k: v for k, v in tcfg.recipe().items() if k != "init"} == recipe
+    # a checkpoint of such a run resumes; another lr is refused by name
+    saved = {"train_config": recipe, "model_config": json.dumps(card["config"])}
+    _check_resume(saved, tcfg, Path("checkpoint.pt"))
+    with pytest.raises(DoseDiffError, match=r"lr 0.0003 -> 0.001"):
+        _check_resume(saved, TrainConfig.from_settings(**{**recipe, "lr": 1e-3}), Path("checkpoint.pt"))
+
+
+@pytest.mark.parametrize("version", [0, 2, None, "1"])
+def test_a_cache_of_another_version_is_refused_by_training_and_by_prepare(tmp_path, version):
+    from DoseDiffLib.prepare import CACHE_VERSION, check_cache, prepare
+
+    cache = make_cache(tmp_path)
+    assert check_cache(cache)["version"] == CACHE_VERSION == 1
+    index = json.loads((cache / "index.json").read_text())
+    index["version"] = version
+    (cache / "index.json").write_text(json.dumps(index))
+    with pytest.raises(DoseDiffError, match=re.escape(f"has version {version!r}, this DoseDiff reads version 1")):
+        check_cache(cache)
+    with pytest.raises(DoseDiffError, match="has version"):  # prepare never extends it either
+        prepare({}, cache, ModelConfig.preset("test"))

@@ -47,12 +47,12 @@ def main() -> None:
     val = SliceCache(args.cache, "validation")
     rows = []
     for i, (arm, (settings, samplers)) in enumerate(ARMS.items()):
-        tcfg = TrainConfig(**common, **settings)
+        tcfg = TrainConfig.from_settings(**common, **settings)
         run = args.out / f"arm{i}"
         t0 = time.perf_counter()
         train(args.cache, run, tcfg, device)
         seconds = torch.load(run / "checkpoint.pt", weights_only=True)["state"]["seconds"]
-        mcfg = tcfg.model_config()
+        mcfg = tcfg.model
         ema = MMFNet(mcfg.net)
         ema.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=True)["ema"])
         for name in samplers:

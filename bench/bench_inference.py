@@ -26,7 +26,7 @@ from DoseDiffLib.config import ModelConfig
 from DoseDiffLib.mmfnet import MMFNet
 from DoseDiffLib.modelcard import load_model
 from DoseDiffLib.phantom import head_and_neck
-from DoseDiffLib.predict import predict_case, prepare_case
+from DoseDiffLib.job import Case, Sampling, run_prediction
 from DoseDiffLib.runtime import batch_size_for, choose_device
 
 
@@ -99,8 +99,7 @@ def sampler_kwargs(argv: list[str]) -> dict:
 def time_volume(model, cfg, device, n_slices: int, sampler: dict, shape_yx=(128, 128), spacing=(3.906, 3.906, 2.5)):
     ct, masks = phantom_volume(n_slices, shape_yx, spacing)
     t0 = time.perf_counter()
-    inputs = prepare_case(ct, masks, cfg)
-    pred = predict_case(inputs, model, cfg, seed=0, device=device, **sampler)
+    pred, _ = run_prediction(Case(ct, masks), (model, cfg, {}), sampling=Sampling(**sampler, seed=0, device=device))
     total = time.perf_counter() - t0
     return total, pred.info
 

@@ -289,6 +289,7 @@ class DoseDiffMRMLLogic:
         """A table node of DVH differences (plan vs prediction) per ROI, OpenKBP scores, and the masks used."""
         from DoseDiffLib.config import ModelConfig
         from DoseDiffLib.evaluate import evaluate_patient
+        from DoseDiffLib.metrics import DOSE_METRICS
         from DoseDiffLib.rois import BODY, match_rois
         from DoseDiffLib.volume import resample
 
@@ -305,7 +306,7 @@ class DoseDiffMRMLLogic:
                              pred.spacing, gamma=False)
         scene = predicted_node.GetScene()
         table = scene.AddNewNodeByClass("vtkMRMLTableNode", scene.GenerateUniqueName("DoseDiff DVH comparison"))
-        rows = [r for r in e.roi_table if r["metric"] in ("D99", "D95", "D1", "Dmean", "D0.1cc")]
+        rows = [r for r in e.roi_table if r["metric"] in DOSE_METRICS]
         cols = {"ROI": [r["roi"] for r in rows], "Metric": [r["metric"] for r in rows],
                 "Plan (Gy)": [r["reference"] for r in rows], "DoseDiff (Gy)": [r["prediction"] for r in rows],
                 "Difference (Gy)": [r["difference"] for r in rows]}

@@ -32,7 +32,9 @@ INTENDED_USE = (
 DEFAULT_TRAINING_DATA = (
     "OpenKBP (Babier et al. 2021): head and neck cancer, 9-field coplanar 6 MV IMRT, "
     "prescriptions 70/63/56 Gy in 35 fractions. Predictions for other sites, techniques "
-    "(VMAT, protons), beam energies or prescriptions are outside the training range.")
+    "(VMAT, protons), beam energies or prescriptions are outside the training range. A plan "
+    "prescribed at other levels is predicted with its targets placed on 70/63/56 Gy and the dose "
+    "scaled back by the ratio of the top levels: a linear approximation, not validated on such plans.")
 
 
 def sha256(path: str | os.PathLike) -> str:

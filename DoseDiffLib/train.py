@@ -28,7 +28,8 @@ from .config import POSSIBLE_DOSE, PRESETS, ConditionConfig, ModelConfig
 from .diffusion import Diffusion
 from .errors import DoseDiffError
 from .losses import sorted_dose_l1
-from .metrics import dose_score, dvh_errors, dvh_metrics, dvh_score
+from .evaluate import evaluate_patient
+from .metrics import dvh_score
 from .mmfnet import MMFNet
 from .modelcard import read_card, save_model
 from .plots import save_figure
@@ -239,29 +240,28 @@ def _check_resume(saved: dict, tcfg: TrainConfig, ckpt: Path) -> None:
 @torch.no_grad()
 def validate(model: torch.nn.Module, mcfg: ModelConfig, cache: SliceCache, n_patients: int,
              device: torch.device, seed: int = 0, single: bool = False) -> dict:
-    """Dose and DVH score on the first n cached validation patients, by prediction's own sampler.
+    """Dose and DVH score on the first n cached validation patients: prediction's own sampler,
+    scored by evaluate_patient as `dosediff evaluate` scores (so the curve is the product's score).
 
     `single`: one sample of the model's sampler, unmirrored (cheaper, for comparisons).
     """
     _, sampler = resolve_sampler(mcfg, samples=1 if single else None, flip=False if single else None)
     model.eval()
-    scores, errs = [], []
+    evals = []
     for p in range(min(n_patients, len(cache.entries))):
         stack, e = cache.stack(p), cache.entries[p]
-        ps = np.asarray(stack.psdm, np.float32)
+        inside = np.asarray(stack.psdm, np.float32) > 0
         ref = mcfg.norm.gy(np.asarray(cache.arrays[p]["dose"], np.float32))
         rows = dose_rows(stack, mcfg, e["spacing"][2])
         x = np.full(ref.shape, -1.0, np.float32)
         x[rows] = sample_dose(model, mcfg, stack, rows, sampler, seed=seed, device=device).mean(0)
-        inside = ps > 0
         pdm = inside[:, CACHE_ROIS.index(POSSIBLE_DOSE)]
-        pred = mcfg.norm.gy(x) * pdm
         masks = {r: inside[:, i] for i, r in enumerate(CACHE_ROIS)}
-        vox = float(np.prod(e["spacing"]))
-        scores.append(dose_score(ref, pred, pdm))
-        errs.append(dvh_errors(dvh_metrics(ref, masks, vox), dvh_metrics(pred, masks, vox)))
+        evals.append(evaluate_patient(e["pid"], ref, mcfg.norm.gy(x) * pdm, masks, pdm, tuple(e["spacing"]),
+                                      gamma=False))
     model.train()
-    return {"dose_score": float(np.mean(scores)), "dvh_score": dvh_score(errs), "patients": len(scores)}
+    return {"dose_score": float(np.mean([ev.scores["dose_score"] for ev in evals])),
+            "dvh_score": dvh_score([ev.dvh_errors for ev in evals]), "patients": len(evals)}
 
 
 def plot_curves(log_path: Path, png: Path) -> None:

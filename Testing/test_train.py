@@ -370,3 +370,43 @@ def test_a_cache_of_another_version_is_refused_by_training_and_by_prepare(tmp_pa
         check_cache(cache)
     with pytest.raises(DoseDiffError, match="has version"):  # prepare never extends it either
         prepare({}, cache, ModelConfig.preset("test"))
+
+
+@pytest.mark.slow
+def test_the_training_curve_scores_a_patient_as_dosediff_evaluate_does(openkbp_patient, tmp_path):
+    """Validation during training is the product's path: the cache's patient predicted by the
+    same sampler and scored by evaluate_patient gives the score predict + evaluate give."""
+    from dataclasses import replace
+
+    from DoseDiffLib.evaluate import evaluate_patient
+    from DoseDiffLib.job import Sampling, read_case, run_prediction
+    from DoseDiffLib.metrics import dvh_score
+    from DoseDiffLib.mmfnet import MMFNet
+    from DoseDiffLib.modelcard import load_model, save_model
+    from DoseDiffLib.openkbp import read_patient
+    from DoseDiffLib.prepare import prepare
+    from DoseDiffLib.train import SliceCache, validate
+
+    torch.manual_seed(0)   # the test preset on OpenKBP's 128 px slices, every weight drawn (no zero layer)
+    cfg = ModelConfig.preset("test")
+    cfg = replace(cfg, net=replace(cfg.net, image_size=128), diffusion=replace(cfg.diffusion, sampler="regression"))
+    net = MMFNet(cfg.net)
+    with torch.no_grad():
+        for w in net.parameters():
+            if not w.any():
+                torch.nn.init.normal_(w, std=0.05)
+    loaded = load_model(save_model(net, cfg, tmp_path / "m.json", half=False))
+    net, cfg, _ = loaded
+    prepare({"validation": openkbp_patient.parent}, tmp_path / "cache", cfg)
+    cache = SliceCache(tmp_path / "cache", "validation")
+    assert [e["pid"] for e in cache.entries] == [openkbp_patient.name]
+    got = validate(net, cfg, cache, 1, torch.device("cpu"), seed=0)
+    pred, _ = run_prediction(read_case(openkbp_patient=openkbp_patient), loaded, sampling=Sampling(seed=0))
+    p = read_patient(openkbp_patient)
+    ev = evaluate_patient(p.pid, p.dose.array, pred.dose.array, {r: m.array for r, m in p.masks.items()},
+                          p.possible_dose.array, p.ct.spacing, gamma=False)
+    assert ev.scores["dose_score"] > 1.0   # a random network: far from the plan, so agreement means something
+    # the cache keeps CT, PSDMs and dose as float16 (the network sees inputs rounded by ~0.05 %),
+    # so the scores agree to 0.5 %; a different slab, sampler, seed or metric would not
+    assert got["dose_score"] == pytest.approx(ev.scores["dose_score"], rel=5e-3)
+    assert got["dvh_score"] == pytest.approx(dvh_score([ev.dvh_errors]), rel=5e-3)

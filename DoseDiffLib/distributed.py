@@ -38,6 +38,7 @@ def process_group(device: torch.device) -> Iterator[torch.device]:
             torch.cuda.set_device(local)
             device = torch.device("cuda", local)
         yield device
+        dist.barrier()  # leave together: gloo aborts a process whose peer tore the group down first
     finally:
         dist.destroy_process_group()
 

@@ -130,7 +130,8 @@ def check_dose(dose: np.ndarray, what: str) -> None:
 def write_report(evals: list[PatientEvaluation], out_dir: Path, overwrite: bool = False) -> dict:
     make_folder(out_dir)
     overall = summarise(evals)
-    report = {"overall": overall, "patients": {e.pid: e.scores for e in evals}}
+    undefined_as_null = {e.pid: {k: (v if np.isfinite(v) else None) for k, v in e.scores.items()} for e in evals}
+    report = {"overall": overall, "patients": undefined_as_null}  # strict JSON: an undefined HI is null
     text = json.dumps(report, indent=1) + "\n"
     atomic_write(out_dir / "metrics.json", lambda p: p.write_text(text), overwrite)
 

@@ -112,8 +112,10 @@ def volume_at_dose_percent(dose_in_roi: np.ndarray, gy: float) -> float:
 
 
 def homogeneity_index(dose_in_ptv: np.ndarray) -> float:
-    """ICRU 83: (D2% - D98%) / D50%."""
+    """ICRU 83: (D2% - D98%) / D50%; NaN (undefined, left out of means) when half the PTV gets no dose."""
     d50 = dose_at_volume_percent(dose_in_ptv, 50)
+    if d50 <= 0:
+        return float("nan")
     return (dose_at_volume_percent(dose_in_ptv, 2) - dose_at_volume_percent(dose_in_ptv, 98)) / d50
 
 

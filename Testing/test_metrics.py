@@ -1,4 +1,6 @@
 """OpenKBP metrics against hand-computed cases."""
+import json
+
 import numpy as np
 import pytest
 
@@ -46,6 +48,25 @@ def test_dvh_score_pools_cells_not_patients():
     # pooled over 3 cells: (1 + 3 + 8) / 3 = 4, not the mean of patient means (2 + 8) / 2 = 5
     assert dvh_score([a, b]) == pytest.approx(4.0)
     assert dvh_errors({("x", "y"): 5.0}, {("x", "y"): 7.5}) == {("x", "y"): 2.5}
+
+
+def test_an_underdosed_target_has_no_homogeneity_index_and_scoring_goes_on(tmp_path):
+    """More than half a PTV at 0 Gy (an untrained model, a wrong mask) makes HI undefined: NaN,
+    left out of the cohort's mean, not a ZeroDivisionError ending the evaluation or training."""
+    from DoseDiffLib.evaluate import evaluate_patient, summarise, write_report
+    from DoseDiffLib.metrics import homogeneity_index
+
+    assert np.isnan(homogeneity_index(np.r_[np.zeros(60), np.full(40, 70.0)]))
+    ref = np.zeros((4, 8, 8), np.float32)
+    ref[1:3, 2:6, 2:6] = 70.0
+    ptv = ref > 0
+    zero = evaluate_patient("a", ref, np.zeros_like(ref), {"PTV70": ptv}, np.ones_like(ptv), (2.0, 2.0, 2.0), False)
+    good = evaluate_patient("b", ref, ref.copy(), {"PTV70": ptv}, np.ones_like(ptv), (2.0, 2.0, 2.0), False)
+    assert np.isnan(zero.scores["HI_PTV70_prediction"]) and good.scores["HI_PTV70_prediction"] == 0.0
+    assert summarise([zero, good])["mean_HI_PTV70_prediction"] == 0.0
+    write_report([zero, good], tmp_path / "r")
+    strict = json.loads((tmp_path / "r" / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert strict["patients"]["a"]["HI_PTV70_prediction"] is None
 
 
 def test_homogeneity_and_paddick_hand_computed():

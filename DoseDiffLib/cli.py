@@ -84,20 +84,6 @@ def _sampling(args, seed: int | None, device) -> "Sampling":
                     getattr(args, "batch_size", None))
 
 
-def _check_std_calibrated(card: dict, accepted: bool) -> None:
-    """An SD map is written only where validation showed it means something (or on explicit request)."""
-    u = (card.get("validation") or {}).get("uncertainty") or {}
-    if u.get("calibrated") is True:
-        return
-    measured = (f"on validation {u['voxels_inside_mean_pm_1.96sd']:.0%} of clinical-dose voxels lie inside the "
-                f"mean +- 1.96 SD, nominal {u.get('nominal', 0.95):.0%}" if "voxels_inside_mean_pm_1.96sd" in u
-                else "its card records no coverage measured on validation")
-    if not accepted:
-        raise DoseDiffError(f"The spread of model {card['name']} is not a calibrated uncertainty ({measured}).",
-                            "Drop --std-out, or add --uncalibrated-std to write it for research.")
-    print(f"warning: the SD written to --std-out is not a calibrated uncertainty ({measured}).", file=sys.stderr)
-
-
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="predict a dose volume")
     src = p.add_mutually_exclusive_group(required=True)
@@ -222,7 +208,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.std_out and sampler.samples < 2:
         raise DoseDiffError("--std-out needs at least two samples.", "Use --sampler ddim or add --samples 4.")
     if args.std_out:
-        _check_std_calibrated(loaded[2], args.uncalibrated_std)
+        from .modelcard import uncalibrated_spread
+
+        measured = uncalibrated_spread(loaded[2])
+        if measured and not args.uncalibrated_std:
+            raise DoseDiffError(f"The spread of model {loaded[2]['name']} is not a calibrated uncertainty ({measured}).",
+                                "Drop --std-out, or add --uncalibrated-std to write it for research.")
+        if measured:
+            print(f"warning: the SD written to --std-out is not a calibrated uncertainty ({measured}).",
+                  file=sys.stderr)
     case = read_case(args.ct, args.structures, args.dicom, args.series_uid, args.openkbp)
     outputs = Outputs(tuple(p for p in (args.out,) if p is not None), args.std_out, args.out_dicom, args.overwrite)
     bar = _ProgressBar("Predicting dose")

@@ -199,6 +199,18 @@ def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
     return model, cfg, card
 
 
+def uncalibrated_spread(card: dict[str, Any]) -> str | None:
+    """None when validation showed the sampler's spread calibrated; else what was measured, for
+    the message that withholds an SD map (an uncalibrated SD reads as an error bar it is not)."""
+    u = (card.get("validation") or {}).get("uncertainty") or {}
+    if u.get("calibrated") is True:
+        return None
+    if "voxels_inside_mean_pm_1.96sd" not in u:
+        return "its card records no coverage measured on validation"
+    return (f"on validation {u['voxels_inside_mean_pm_1.96sd']:.0%} of clinical-dose voxels lie inside the "
+            f"mean +- 1.96 SD, nominal {u.get('nominal', 0.95):.0%}")
+
+
 def update_card(card_path: str | os.PathLike, info: dict[str, Any]) -> Path:
     """Merge measured figures into a card (the weights and their checksum are untouched)."""
     card = read_card(card_path)

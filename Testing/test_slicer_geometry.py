@@ -31,11 +31,24 @@ def test_dose_and_sd_follow_the_cts_parent_transform(test_card):
     m.SetElement(0, 3, 12.5)
     transform.SetMatrixTransformToParent(m)
     ct.SetAndObserveTransformNodeID(transform.GetID())
-    res = DoseDiffMRMLLogic().predict(ct, seg, str(test_card), steps=1, samples=2, seed=0, with_std=True)
-    assert res.std_node is not None
+    res = DoseDiffMRMLLogic().predict(ct, seg, str(test_card), steps=1, samples=2, seed=0, with_std=True,
+                                      uncalibrated_std=True)
+    assert res.std_node is not None and res.std_node.GetName().endswith("DoseDiff sample SD (uncalibrated)")
     for node in (res.dose_node, res.std_node):
         assert node.GetTransformNodeID() == transform.GetID()
         np.testing.assert_allclose(ijk_to_ras(node), ijk_to_ras(ct))
+
+
+def test_an_uncalibrated_sd_is_refused_before_the_worker_starts(test_card, monkeypatch):
+    """As the CLI: no SD volume from a card that does not show its spread calibrated, unless asked."""
+    import DoseDiffMRML.logic as logic_module
+
+    from DoseDiffLib.errors import DoseDiffError
+
+    monkeypatch.setattr(logic_module, "ChildProcess", lambda *a, **k: pytest.fail("the worker started"))
+    scene, ct, seg, *_ = make_scene()
+    with pytest.raises(DoseDiffError, match="not a calibrated uncertainty.*no coverage measured"):
+        DoseDiffMRMLLogic().predict(ct, seg, str(test_card), steps=1, samples=2, seed=0, with_std=True)
 
 
 def test_mask_export_leaves_a_closed_surface_segmentation_as_it_was():

@@ -124,6 +124,7 @@ class PredictionRun:
     folder: Path
     ct_node: object
     ct_shape: tuple
+    std_name: str = "DoseDiff dose SD"   # "... (uncalibrated)" when the card does not show it calibrated
 
     def close(self) -> None:
         """Stop the child if it still runs and remove the temporary files."""
@@ -151,15 +152,24 @@ class DoseDiffMRMLLogic:
 
     def start_prediction(self, ct_node, segmentation_node, model: str, mapping: dict[str, str | None] | None = None,
                          device: str = "auto", steps: int | None = None, samples: int | None = None, seed: int | None = 0,
-                         with_std: bool = False, sampler: str | None = None) -> PredictionRun:
-        """Write the CT and masks to a temporary folder and start DoseDiffLib.worker on them."""
+                         with_std: bool = False, sampler: str | None = None,
+                         uncalibrated_std: bool = False) -> PredictionRun:
+        """Write the CT and masks to a temporary folder and start DoseDiffLib.worker on them.
+
+        with_std: also an SD volume, refused (as by the CLI) unless the model card shows the
+        spread calibrated on validation or uncalibrated_std accepts it for research."""
         import DoseDiffLib
+        from DoseDiffLib.modelcard import read_card, uncalibrated_spread
         from DoseDiffLib.registry import resolve
         from DoseDiffLib.volume import write_volume
 
         if ct_node is None or segmentation_node is None:
             raise DoseDiffError("Select a CT volume and a segmentation.", "Choose both inputs first.")
         card = resolve(model)
+        measured = uncalibrated_spread(read_card(card)) if with_std else None
+        if measured and not uncalibrated_std:
+            raise DoseDiffError(f"The model's sample spread is not a calibrated uncertainty ({measured}).",
+                                "Predict without the SD, or pass uncalibrated_std=True for research.")
         folder = Path(tempfile.mkdtemp(prefix="DoseDiff-"))
         try:
             ct = volume_from_node(ct_node)
@@ -181,7 +191,8 @@ class DoseDiffMRMLLogic:
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return PredictionRun(process, folder, ct_node, ct.array.shape)
+        return PredictionRun(process, folder, ct_node, ct.array.shape,
+                             "DoseDiff sample SD (uncalibrated)" if measured else "DoseDiff dose SD")
 
     def load_result(self, run: PredictionRun, result: dict) -> PredictionResult:
         """New dose (and SD) nodes on the CT's grid and under its transform; then the temporary files go."""
@@ -200,7 +211,7 @@ class DoseDiffMRMLLogic:
             dose_node = add_volume_node(ct_node, dose, f"{ct_node.GetName()} DoseDiff dose", attrs)
             std_node = None
             if std is not None:
-                std_node = add_volume_node(ct_node, std, f"{ct_node.GetName()} DoseDiff dose SD",
+                std_node = add_volume_node(ct_node, std, f"{ct_node.GetName()} {run.std_name}",
                                            {SOURCE_ATTRIBUTE: json.dumps(info)})
             note = self._place_in_study(dose_node, ct_node)
             if note:
@@ -213,12 +224,13 @@ class DoseDiffMRMLLogic:
     def predict(self, ct_node, segmentation_node, model: str, mapping: dict[str, str | None] | None = None,
                 device: str = "auto", steps: int | None = None, samples: int | None = None, seed: int | None = 0,
                 with_std: bool = False, progress: Callable[[int, int, str], "bool | None"] | None = None,
-                timeout_s: float = 3600.0, sampler: str | None = None) -> PredictionResult:
+                timeout_s: float = 3600.0, sampler: str | None = None,
+                uncalibrated_std: bool = False) -> PredictionResult:
         """The same child process, waited for: for scripts, the module's self-test and tests."""
         import time
 
         run = self.start_prediction(ct_node, segmentation_node, model, mapping, device, steps, samples, seed, with_std,
-                                    sampler)
+                                    sampler, uncalibrated_std)
         try:
             end = time.monotonic() + timeout_s
             while time.monotonic() < end:

@@ -553,9 +553,8 @@ def _prepare_dicom_cohort(args: argparse.Namespace) -> int:
     _exists(args.dicom_cohort, "DICOM cohort folder", folder=True)
     _exists(args.mapping, "mapping file")
     mapping = read_mapping(args.mapping) if args.mapping else None
-    found = find_cases(args.dicom_cohort)
+    found = find_cases(args.dicom_cohort)  # scanned once, and a typo refused before the progress bar opens
     check_prescriptions(found[0], dict(args.prescription))
-    make_folder(args.cache)
     bar = tqdm(desc="Caching DICOM cases", unit="case", total=len(found[0]))
     try:
         rows = cache_cohort(args.dicom_cohort, args.cache, ModelConfig(), dict(args.prescription), mapping,
@@ -587,9 +586,9 @@ def cmd_qa(args: argparse.Namespace) -> int:
     thresholds = Thresholds(args.threshold_gy, args.threshold_percent)
     thresholds.check()
     mapping = read_mapping(args.mapping) if args.mapping else None
-    check_output_folder(args.out, QA_FILES, args.overwrite)
+    check_output_folder(args.out, QA_FILES, args.overwrite)  # before the scan
     found = find_cases(args.dicom_cohort)
-    check_prescriptions(found[0], dict(args.prescription))
+    check_prescriptions(found[0], dict(args.prescription))  # before the progress bar opens
     bar = tqdm(desc="Plans checked", unit="plan", total=len(found[0]))
     try:
         summary = qa_cohort(args.dicom_cohort, args.out, args.model, thresholds, dict(args.prescription), mapping,

@@ -205,7 +205,7 @@ def cache_cohort(root: str | Path, cache: Path, cfg: ModelConfig, prescriptions:
         row.update(status="used", split=split,
                    targets=prepared.prescription.describe() if prepared.prescription else "by name",
                    scale=f"{prepared.scale:.4g}", site=entry["site"],
-                   organs=" ".join(r for r in entry["rois"] if r not in ("PTV70", "PTV63", "PTV56")),
+                   organs=" ".join(r for r in entry["rois"] if r not in TARGETS),
                    warnings=" | ".join(prepared.warnings))
         rows.append(row)
         if progress:

@@ -212,6 +212,8 @@ class _Serial:
 def describe_cache(index: dict, init_card: dict | None = None) -> tuple[str, dict]:
     """What a model trained on this cache was trained on, for its card: counts, sites and
     prescriptions, never a patient identifier (cache keys of DICOM cases are anonymous)."""
+    from .modelcard import DEFAULT_TRAINING_DATA
+
     entries = [e for es in index["splits"].values() for e in es]
     dicom = [e for e in entries if e.get("source") == "dicom"]
     data = {"openkbp_patients": len(entries) - len(dicom), "dicom_patients": len(dicom),
@@ -220,8 +222,6 @@ def describe_cache(index: dict, init_card: dict | None = None) -> tuple[str, dic
             "prescriptions_gy": sorted({tuple(e.get("prescriptions_gy") or ()) for e in dicom}, reverse=True),
             "scaled_to_model_levels": any(abs(float(e.get("scale", 1.0)) - 1.0) > 1e-6 for e in dicom)}
     data["prescriptions_gy"] = [list(p) for p in data["prescriptions_gy"]]
-    from .modelcard import DEFAULT_TRAINING_DATA
-
     if not dicom:
         text = DEFAULT_TRAINING_DATA
     else:

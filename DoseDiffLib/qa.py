@@ -87,6 +87,22 @@ def flagged_organs(rows: list[dict]) -> list[dict]:
     return sorted(worst.values(), key=lambda r: -r["excess_gy"])
 
 
+def dvh_pictures(rows: list[dict], plan: np.ndarray, predicted: np.ndarray,
+                 organs: Mapping[str, tuple[str, np.ndarray]], out_dir: Path, label: str = "") -> dict:
+    """The DVH pair of each flagged organ as dvh/[LABEL_]ORGAN.png; {(case, organ): path in out_dir}."""
+    from .plots import dvh_comparison
+    from .volume import make_folder
+
+    pngs = {}
+    for r in flagged_organs(rows):
+        name = f"dvh/{label}_{r['organ']}.png" if label else f"dvh/{r['organ']}.png"
+        make_folder(Path(out_dir) / "dvh")
+        dvh_comparison(plan, predicted, {r["organ"]: organs[r["organ"]][1]}, Path(out_dir) / name,
+                       title=f"{label} {r['organ']}".strip() + ": plan (solid) vs prediction (dashed)", overwrite=True)
+        pngs[(r["case"], r["organ"])] = name
+    return pngs
+
+
 def write_report(rows: list[dict], cases: list[dict], out_dir: Path, info: Mapping, dvh_pngs: Mapping[tuple[str, str], str],
                  thresholds: Thresholds) -> dict:
     """qa.csv (every organ metric), qa.json (the same and the cases) and summary.html (flagged organs)."""
@@ -164,7 +180,6 @@ def qa_cohort(root: Path, out_dir: Path, model_ref, thresholds: Thresholds = Thr
     from .cohort import check_prescriptions, find_cases, read_cohort_case
     from .job import Case, Sampling, run_prediction
     from .modelcard import load_model
-    from .plots import dvh_comparison
     from .predict import resolve_sampler
     from .volume import check_output_folder, make_folder
 
@@ -198,12 +213,7 @@ def qa_cohort(root: Path, out_dir: Path, model_ref, thresholds: Thresholds = Thr
                   if roi in OARS and name in dicom.structures}
         case_rows = compare_plan(case.key, plan, predicted, organs, dicom.ct.grid.voxel_volume_mm3(), thresholds)
         rows += case_rows
-        for r in flagged_organs(case_rows):
-            name = f"dvh/{case.key}_{r['organ']}.png"
-            make_folder(out_dir / "dvh")
-            dvh_comparison(plan, predicted, {r["organ"]: organs[r["organ"]][1]}, out_dir / name,
-                           title=f"{case.key} {r['organ']}: plan (solid) vs prediction (dashed)", overwrite=True)
-            pngs[(case.key, r["organ"])] = name
+        pngs.update(dvh_pictures(case_rows, plan, predicted, organs, out_dir, label=case.key))
         report_cases.append({"case": case.key, "where": case.where, "status": "checked",
                              "note": pred.info["prescription"], "warnings": warnings})
         if progress:

@@ -338,8 +338,7 @@ class DoseDiffMRMLLogic:
         """The command line's plan QA report for the loaded plan: report files in out_dir and a
         table node of the flagged organs (largest excess first)."""
         from DoseDiffLib.config import OARS, ModelConfig
-        from DoseDiffLib.plots import dvh_comparison
-        from DoseDiffLib.qa import QA_FILES, Thresholds, compare_plan, flagged_organs, write_report
+        from DoseDiffLib.qa import QA_FILES, Thresholds, compare_plan, dvh_pictures, write_report
         from DoseDiffLib.rois import match_rois
         from DoseDiffLib.volume import check_output_folder, make_folder, resample
 
@@ -357,13 +356,7 @@ class DoseDiffMRMLLogic:
         rows = compare_plan(case, plan.array.astype(np.float32), pred.array.astype(np.float32), organs,
                             pred.grid.voxel_volume_mm3(), thresholds)
         make_folder(out)
-        pngs = {}
-        for r in flagged_organs(rows):
-            name = f"dvh/{r['organ']}.png"
-            make_folder(out / "dvh")
-            dvh_comparison(plan.array, pred.array, {r["organ"]: organs[r["organ"]][1]}, out / name,
-                           title=f"{r['organ']}: plan (solid) vs prediction (dashed)", overwrite=True)
-            pngs[(case, r["organ"])] = name
+        pngs = dvh_pictures(rows, plan.array, pred.array, organs, out)
         source = json.loads(predicted_node.GetAttribute(SOURCE_ATTRIBUTE) or "{}")
         info = {"model": source.get("model", "not a DoseDiff prediction"), "plan": plan_node.GetName()}
         summary = write_report(rows, [{"case": case, "status": "checked", "note": "the plan loaded in Slicer"}],

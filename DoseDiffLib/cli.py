@@ -555,6 +555,7 @@ def _prepare_dicom_cohort(args: argparse.Namespace) -> int:
     mapping = read_mapping(args.mapping) if args.mapping else None
     found = find_cases(args.dicom_cohort)  # scanned once, and a typo refused before the progress bar opens
     check_prescriptions(found[0], dict(args.prescription))
+    make_folder(args.cache)  # recorded, so a failed run removes the folder it created
     bar = tqdm(desc="Caching DICOM cases", unit="case", total=len(found[0]))
     try:
         rows = cache_cohort(args.dicom_cohort, args.cache, ModelConfig(), dict(args.prescription), mapping,

@@ -14,6 +14,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .config import POSSIBLE_DOSE, ROIS, ModelConfig
 from .psdm import psdm
@@ -93,6 +94,11 @@ def beam_lines(targets: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     Parallel-beam approximation: pixels are binned, one pixel wide, by their coordinate
     across each beam; a line crosses the target if any target pixel shares its bin.
     """
+    return beam_hits(targets, directions).mean(1)
+
+
+def beam_hits(targets: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """(B, A, K, H, W): 1 where the line of beam a through the pixel crosses target k (see beam_lines)."""
     b, k, h, w = targets.shape
     a = directions.shape[1]
     dev = targets.device
@@ -106,7 +112,51 @@ def beam_lines(targets: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
     hit = torch.zeros(b, a, k, 2 * half + 1, device=dev)
     src = targets.reshape(b, 1, k, h * w).expand(b, a, k, h * w).float()
     hit.scatter_reduce_(3, idx, src, reduce="amax")
-    return hit.gather(3, idx).mean(1).reshape(b, k, h, w)
+    return hit.gather(3, idx).reshape(b, a, k, h, w)
+
+
+def beam_depths(density: torch.Tensor, directions: torch.Tensor, pixel_mm: float) -> torch.Tensor:
+    """(B, A, H, W) water-equivalent depth (mm) of each pixel along each beam, from where it enters the image.
+
+    density (B, H, W) relative to water; directions (B, A, 2) the beams' travel directions
+    (x, y) in pixels. Each beam's view is resampled so that it travels down the rows, the
+    density summed down them, and the sums resampled back.
+    """
+    b, h, w = density.shape
+    a = directions.shape[1]
+    dev = density.device
+    d = directions.to(dev).reshape(b * a, 2)
+    e = torch.stack([d[:, 1], -d[:, 0]], -1)                              # across the beam
+    side = math.ceil(math.hypot(h, w)) + 2
+    c = torch.arange(side, dtype=torch.float32, device=dev) + 0.5 - side / 2
+    yr, xr = torch.meshgrid(c, c, indexing="ij")                          # the beam's view, centred pixels
+    qx = xr[None] * e[:, 0, None, None] + yr[None] * d[:, 0, None, None]
+    qy = xr[None] * e[:, 1, None, None] + yr[None] * d[:, 1, None, None]
+    grid = torch.stack([2 * qx / w, 2 * qy / h], -1)                      # align_corners=False units
+    src = density[:, None].expand(b, a, h, w).reshape(b * a, 1, h, w)
+    view = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    depth = (view.cumsum(-2) - 0.5 * view) * pixel_mm                     # to the pixel's centre
+    ys = torch.arange(h, dtype=torch.float32, device=dev) + 0.5 - h / 2
+    xs = torch.arange(w, dtype=torch.float32, device=dev) + 0.5 - w / 2
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    u = x[None] * e[:, 0, None, None] + y[None] * e[:, 1, None, None]
+    v = x[None] * d[:, 0, None, None] + y[None] * d[:, 1, None, None]
+    back = torch.stack([2 * u / side, 2 * v / side], -1)
+    return F.grid_sample(depth, back, mode="bilinear", padding_mode="border",
+                         align_corners=False).reshape(b, a, h, w)
+
+
+def attenuated_beams(targets: torch.Tensor, ct: torch.Tensor, directions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """(B, K, H, W): the mean over beams of exp(-mu * depth) on the lines that cross target k.
+
+    A first-order picture of each beam's dose: beams that cross the target, fading with
+    the water-equivalent depth at which they reach the pixel (density from the CT's HU).
+    """
+    hu = (ct + 1.0) / 2.0 * (cfg.norm.ct_max_hu - cfg.norm.ct_min_hu) + cfg.norm.ct_min_hu
+    density = ((hu + 1000.0) / 1000.0).clamp(0.0, 3.0)
+    depth = beam_depths(density, directions, cfg.grid.spacing_mm)          # (B, A, H, W)
+    fade = torch.exp(-cfg.conditions.beam_mu_per_mm * depth)
+    return (beam_hits(targets, directions) * fade[:, :, None]).mean(1)
 
 
 def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: ModelConfig,
@@ -130,6 +180,8 @@ def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: 
             directions = beam_directions(cfg, ps.shape[0])
         targets = inside[:, [pos[t] for t in c.beam_targets]] > 0
         chans += list(beam_lines(targets, directions).unbind(1))
+        if c.beam_mu_per_mm > 0:
+            chans += list(attenuated_beams(targets, ct_ctx[:, 0], directions, cfg).unbind(1))
     return ct_ctx, torch.stack(chans, dim=1)
 
 

@@ -84,6 +84,11 @@ class ConditionConfig:
     # 9 line orientations 20 degrees apart. Empty = no beam channels.
     beam_targets: tuple[str, ...] = ()
     beam_angles_deg: tuple[float, ...] = (0.0, 40.0, 80.0, 120.0, 160.0, 200.0, 240.0, 280.0, 320.0)
+    # > 0: per beam target also the same lines faded by exp(-mu * water-equivalent depth)
+    # along each beam's travel direction (angle a travels along (sin a, cos a) in (x, y):
+    # 0 degrees enters anteriorly), so a beam's entrance side differs from its exit side.
+    # 6 MV loses about 4.5 % per cm beyond the build-up: 0.0045 per mm.
+    beam_mu_per_mm: float = 0.0
 
     @property
     def n_channels(self) -> int:
@@ -103,7 +108,8 @@ class ConditionConfig:
         return (["PTV weighted"] + [f"mask:{m}" for m in self.masks]
                 + [f"psdm:{p}" for p in self.psdms]
                 + [f"PTV weighted@{o:+d}" for o in self.context_offsets]
-                + [f"beams:{t}" for t in self.beam_targets])
+                + [f"beams:{t}" for t in self.beam_targets]
+                + [f"beams attenuated:{t}" for t in (self.beam_targets if self.beam_mu_per_mm > 0 else ())])
 
     def ct_channel_names(self) -> list[str]:
         return ["CT"] + [f"CT@{o:+d}" for o in self.context_offsets]

@@ -40,16 +40,19 @@ from .prepare import CACHE_ROIS, describe_cache
 # The model settings a run may name (--set preset=small, context=2, ...): shorthands for
 # the ModelConfig it trains, also the flat keys of every recipe a card or checkpoint keeps.
 MODEL_SETTINGS: dict[str, object] = {"preset": "tiny", "prediction": "epsilon", "sampler": "ddim", "context": 0,
-                                     "beams": False}
+                                     "beams": False, "beam_mu": 0.0}
 
 
 def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampler: str = "ddim",
-                        context: int = 0, beams: bool = False) -> ModelConfig:
+                        context: int = 0, beams: bool = False, beam_mu: float = 0.0) -> ModelConfig:
     """The one place the shorthands become a model configuration (every other setting of it,
     such as an added condition channel, is given as a ModelConfig)."""
     base = ModelConfig.preset(preset)
     targets = tuple(n for n, _ in base.conditions.ptv_weights) if beams else ()
-    cfg = base.with_conditions(ConditionConfig(context=context, beam_targets=targets))
+    if beam_mu and not beams:
+        raise DoseDiffError(f"beam_mu={beam_mu} fades the beam-line channels, but there are none.",
+                            "Add --set beams=True.")
+    cfg = base.with_conditions(ConditionConfig(context=context, beam_targets=targets, beam_mu_per_mm=float(beam_mu)))
     return replace(cfg, diffusion=replace(cfg.diffusion, prediction=prediction, sampler=sampler))
 
 
@@ -59,7 +62,8 @@ def model_settings(cfg: ModelConfig) -> dict[str, object]:
                    if replace(net, cond_channels=cfg.net.cond_channels, ct_channels=cfg.net.ct_channels) == cfg.net),
                   "custom")
     return {"preset": preset, "prediction": cfg.diffusion.prediction, "sampler": cfg.diffusion.sampler,
-            "context": cfg.conditions.context, "beams": bool(cfg.conditions.beam_targets)}
+            "context": cfg.conditions.context, "beams": bool(cfg.conditions.beam_targets),
+            "beam_mu": cfg.conditions.beam_mu_per_mm}
 
 
 @dataclass

@@ -109,3 +109,67 @@ def test_sorted_dose_l1_is_zero_for_a_reordering_and_the_shift_for_a_shift():
     assert sorted_dose_l1(bumped, ref, roi[:, :1]).item() == pytest.approx(0.1, abs=1e-6)
     # ROIs under min_pixels are left out
     assert sorted_dose_l1(ref + 0.3, ref, roi[:, 1:], min_pixels=4).item() == 0.0
+
+
+def water_disk(n=65, radius=25.0):
+    c = np.arange(n) + 0.5 - n / 2
+    y, x = np.meshgrid(c, c, indexing="ij")
+    return torch.from_numpy((x ** 2 + y ** 2 <= radius ** 2).astype(np.float32))[None], x, y
+
+
+@pytest.mark.parametrize("deg", [0.0, 40.0, 200.0, 280.0])
+def test_beam_depth_in_a_water_disk_is_the_chord_back_to_where_the_beam_entered(deg):
+    """Inside a disk of water of radius R, a beam travelling along d reaches q at depth d.q + sqrt(R^2 - (e.q)^2)."""
+    from DoseDiffLib.conditions import beam_depths
+
+    disk, x, y = water_disk()
+    a = np.radians(deg)
+    d = np.array([np.sin(a), np.cos(a)])
+    e = np.array([d[1], -d[0]])
+    depth = beam_depths(disk, torch.from_numpy(np.array([[d]], np.float32)), pixel_mm=2.0)[0, 0].numpy()
+    along, across = x * d[0] + y * d[1], x * e[0] + y * e[1]
+    inner = x ** 2 + y ** 2 <= 20.0 ** 2
+    want = (along + np.sqrt(np.clip(25.0 ** 2 - across ** 2, 0, None))) * 2.0
+    np.testing.assert_allclose(depth[inner], want[inner], atol=2 * 2.0)   # within the disk edge's two pixels
+    assert np.corrcoef(depth[inner], want[inner])[0, 1] > 0.999
+
+
+def test_attenuated_beams_fade_with_depth_and_without_attenuation_are_the_beam_lines():
+    from dataclasses import replace
+
+    from DoseDiffLib.conditions import attenuated_beams
+
+    disk, _, _ = water_disk()
+    ct = CFG.norm.ct(torch.where(disk > 0, 0.0, -1024.0))               # water in air, normalised
+    target = one_pixel(65, 32, 32)
+    down = torch.tensor([[[0.0, 1.0]]])                                # enters at the top (row 0)
+    flat = replace(CFG, conditions=replace(CFG.conditions, beam_mu_per_mm=0.0))
+    torch.testing.assert_close(attenuated_beams(target, ct, down, flat), beam_lines(target, down))
+    mu = 0.0045
+    faded = attenuated_beams(target, ct, down, replace(CFG, conditions=replace(CFG.conditions, beam_mu_per_mm=mu)))
+    column = faded[0, 0, :, 32].numpy()
+    inside = slice(10, 55)
+    assert np.all(np.diff(column[inside]) < 0)                          # deeper, fainter
+    ratio = column[40] / column[20]                                     # 20 pixels of water further on
+    assert ratio == pytest.approx(np.exp(-mu * 20 * CFG.grid.spacing_mm), rel=1e-3)
+    assert column[2] == pytest.approx(1.0, abs=1e-6)                    # air in front of the disk: no fade
+    assert faded[0, 0, :, 0].max() == 0                                 # off the beam line: nothing
+
+
+def test_mirroring_keeps_the_attenuated_beams_in_place():
+    """The nine OpenKBP beams are symmetric left-right, so their faded lines mirror with the patient."""
+    from dataclasses import replace
+
+    cfg = CFG.with_conditions(replace(CFG.conditions, beam_mu_per_mm=0.0045))
+    ct, masks = head_and_neck(shape=(10, 32, 32), spacing=(4.0, 4.0, 3.0))
+    m = {k: v for k, v in masks.items() if k != "BODY"}
+    m[POSSIBLE_DOSE] = masks["BODY"]
+    mirrored = {n: Volume.on_grid(v.array[..., ::-1].copy(), v.grid) for n, v in m.items()}
+    mirrored["RightParotid"], mirrored["LeftParotid"] = mirrored["LeftParotid"], mirrored["RightParotid"]
+    ct_m = Volume.on_grid(ct.array[..., ::-1].copy(), ct.grid)
+    a = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct, m, cfg)), np.arange(10), cfg), cfg)[1]
+    b = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct_m, mirrored, cfg)), np.arange(10), cfg), cfg)[1]
+    names = cfg.conditions.channel_names()
+    i = names.index("beams attenuated:PTV70")
+    assert a[:, i].max() > 0 and a[:, i].max() < 1
+    torch.testing.assert_close(a[:, mirror_channels(cfg)[1]].flip(-1), b, atol=1e-4, rtol=0)

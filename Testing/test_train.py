@@ -14,7 +14,7 @@ import torch
 from DoseDiffLib.config import ModelConfig
 from DoseDiffLib.errors import DoseDiffError
 from DoseDiffLib.prepare import CACHE_ROIS
-from DoseDiffLib.train import TrainConfig, augment
+from DoseDiffLib.train import MODEL_SETTINGS, TrainConfig, augment
 
 R, L = CACHE_ROIS.index("RightParotid"), CACHE_ROIS.index("LeftParotid")
 
@@ -222,6 +222,40 @@ def test_warm_start_with_appended_channels_keeps_the_trained_function(tmp_path):
         _warm_start(MMFNet(other.net), MMFNet(other.net), other, tmp_path / "old.json")
 
 
+def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_path):
+    """beam_mu appends one faded beam channel per target behind the beam lines; zero weights keep the function."""
+    import copy
+
+    from DoseDiffLib.conditions import assemble, gather
+    from DoseDiffLib.mmfnet import MMFNet
+    from DoseDiffLib.modelcard import save_model
+    from DoseDiffLib.train import _warm_start
+
+    old_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True).model
+    torch.manual_seed(2)
+    old = MMFNet(old_cfg.net).eval()
+    for p in old.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_model(old, old_cfg, tmp_path / "old.json", {}, half=False)
+    new_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True, beam_mu=0.0045).model
+    names = new_cfg.conditions.channel_names()
+    assert names[:old_cfg.net.cond_channels] == old_cfg.conditions.channel_names()
+    assert names[old_cfg.net.cond_channels:] == ["beams attenuated:PTV70", "beams attenuated:PTV63",
+                                                "beams attenuated:PTV56"]
+    new = MMFNet(new_cfg.net)
+    _warm_start(new, copy.deepcopy(new), new_cfg, tmp_path / "old.json")
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1, 1, (5, 32, 32)).astype(np.float32)
+    ps = rng.normal(0, 3, (5, len(CACHE_ROIS), 32, 32)).astype(np.float32)
+    c, k = assemble(*gather(ct, ps, np.array([0, 2, 4]), new_cfg), new_cfg)
+    assert k[:, old_cfg.net.cond_channels:].abs().max() > 0
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([10, 500, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(new.eval()(x, t, c, k), old(x, t, c, k[:, :old_cfg.net.cond_channels]))
+    with pytest.raises(DoseDiffError, match="no[n]e"):
+        TrainConfig.from_settings(preset="test", beam_mu=0.0045)
+
+
 def test_augmentation_turns_the_beams_with_the_patient():
     """Beam lines of the augmented target with the returned beams = the augmented beam lines."""
     from DoseDiffLib.conditions import beam_lines
@@ -349,7 +383,11 @@ def test_recipes_written_before_the_run_held_its_model_configuration_still_read(
     recipe = {k: v for k, v in card["training"]["recipe"].items() if k != "init"}
     tcfg = TrainConfig.from_settings(**recipe)
     assert tcfg.model == ModelConfig.from_dict(card["config"])
-    assert {k: v for k, v in tcfg.recipe().items() if k != "init"} == recipe
+    now = {k: v for k, v in tcfg.recipe().items() if k != "init"}
+    assert {k: now[k] for k in recipe} == recipe
+    # settings added since the card was written read as their defaults
+    defaults = {**MODEL_SETTINGS, **TrainConfig().recipe()}
+    assert all(now[k] == defaults[k] for k in set(now) - set(recipe))
     # a checkpoint of such a run resumes; another lr is refused by name
     saved = {"train_config": recipe, "model_config": json.dumps(card["config"])}
     _check_resume(saved, tcfg, Path("checkpoint.pt"))

@@ -146,17 +146,17 @@ def beam_depths(density: torch.Tensor, directions: torch.Tensor, pixel_mm: float
                          align_corners=False).reshape(b, a, h, w)
 
 
-def attenuated_beams(targets: torch.Tensor, ct: torch.Tensor, directions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+def attenuated_beams(hits: torch.Tensor, ct: torch.Tensor, directions: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """(B, K, H, W): the mean over beams of exp(-mu * depth) on the lines that cross target k.
 
-    A first-order picture of each beam's dose: beams that cross the target, fading with
-    the water-equivalent depth at which they reach the pixel (density from the CT's HU).
+    hits (B, A, K, H, W) from beam_hits; ct (B, H, W) normalised. A first-order picture of
+    each beam's dose: beams that cross the target, fading with the water-equivalent depth
+    at which they reach the pixel (density from the CT's HU).
     """
-    hu = (ct + 1.0) / 2.0 * (cfg.norm.ct_max_hu - cfg.norm.ct_min_hu) + cfg.norm.ct_min_hu
-    density = ((hu + 1000.0) / 1000.0).clamp(0.0, 3.0)
+    density = ((cfg.norm.hu(ct) + 1000.0) / 1000.0).clamp(0.0, 3.0)
     depth = beam_depths(density, directions, cfg.grid.spacing_mm)          # (B, A, H, W)
     fade = torch.exp(-cfg.conditions.beam_mu_per_mm * depth)
-    return (beam_hits(targets, directions) * fade[:, :, None]).mean(1)
+    return (hits * fade[:, :, None]).mean(1)
 
 
 def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: ModelConfig,
@@ -179,9 +179,10 @@ def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: 
         if directions is None:
             directions = beam_directions(cfg, ps.shape[0])
         targets = inside[:, [pos[t] for t in c.beam_targets]] > 0
-        chans += list(beam_lines(targets, directions).unbind(1))
+        hits = beam_hits(targets, directions)                              # once, for both kinds of channel
+        chans += list(hits.mean(1).unbind(1))
         if c.beam_mu_per_mm > 0:
-            chans += list(attenuated_beams(targets, ct_ctx[:, 0], directions, cfg).unbind(1))
+            chans += list(attenuated_beams(hits, ct_ctx[:, 0], directions, cfg).unbind(1))
     return ct_ctx, torch.stack(chans, dim=1)
 
 

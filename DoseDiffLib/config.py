@@ -127,6 +127,10 @@ class NormConfig:
         lo, hi = self.ct_min_hu, self.ct_max_hu
         return (hu.clip(lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
 
+    def hu(self, x):
+        """The inverse of `ct` inside the window."""
+        return (x + 1.0) / 2.0 * (self.ct_max_hu - self.ct_min_hu) + self.ct_min_hu
+
     def dose(self, gy):
         return gy.clip(0.0, self.dose_max_gy) / self.dose_max_gy * 2.0 - 1.0
 

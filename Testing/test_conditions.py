@@ -77,16 +77,22 @@ def test_neighbours_repeat_the_ends_of_the_stack():
     np.testing.assert_array_equal(neighbours(5, np.array([0, 4]), (-1, 1, -2, 2)), [[0, 1, 0, 2], [3, 4, 2, 4]])
 
 
-def test_mirroring_the_patient_permutes_the_channels_it_should():
-    """The flip test-time augmentation: the mirrored patient's inputs, parotids relabelled."""
+def phantom_and_mirror_inputs(cfg):
+    """The network inputs of the phantom and of its left-right mirror image (parotids relabelled)."""
     ct, masks = head_and_neck(shape=(10, 32, 32), spacing=(4.0, 4.0, 3.0))
     m = {k: v for k, v in masks.items() if k != "BODY"}
     m[POSSIBLE_DOSE] = masks["BODY"]
     mirrored = {n: Volume.on_grid(v.array[..., ::-1].copy(), v.grid) for n, v in m.items()}
     mirrored["RightParotid"], mirrored["LeftParotid"] = mirrored["LeftParotid"], mirrored["RightParotid"]
     ct_m = Volume.on_grid(ct.array[..., ::-1].copy(), ct.grid)
-    a = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct, m, CFG)), np.arange(10), CFG), CFG)
-    b = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct_m, mirrored, CFG)), np.arange(10), CFG), CFG)
+    a = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct, m, cfg)), np.arange(10), cfg), cfg)
+    b = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct_m, mirrored, cfg)), np.arange(10), cfg), cfg)
+    return a, b
+
+
+def test_mirroring_the_patient_permutes_the_channels_it_should():
+    """The flip test-time augmentation: the mirrored patient's inputs, parotids relabelled."""
+    a, b = phantom_and_mirror_inputs(CFG)
     pc, pk = mirror_channels(CFG)
     assert pk != list(range(len(pk)))                   # the parotid channels do move
     torch.testing.assert_close(a[0][:, pc].flip(-1), b[0])
@@ -137,16 +143,16 @@ def test_beam_depth_in_a_water_disk_is_the_chord_back_to_where_the_beam_entered(
 def test_attenuated_beams_fade_with_depth_and_without_attenuation_are_the_beam_lines():
     from dataclasses import replace
 
-    from DoseDiffLib.conditions import attenuated_beams
+    from DoseDiffLib.conditions import attenuated_beams, beam_hits
 
     disk, _, _ = water_disk()
     ct = CFG.norm.ct(torch.where(disk > 0, 0.0, -1024.0))               # water in air, normalised
     target = one_pixel(65, 32, 32)
     down = torch.tensor([[[0.0, 1.0]]])                                # enters at the top (row 0)
     flat = replace(CFG, conditions=replace(CFG.conditions, beam_mu_per_mm=0.0))
-    torch.testing.assert_close(attenuated_beams(target, ct, down, flat), beam_lines(target, down))
+    torch.testing.assert_close(attenuated_beams(beam_hits(target, down), ct, down, flat), beam_lines(target, down))
     mu = 0.0045
-    faded = attenuated_beams(target, ct, down, replace(CFG, conditions=replace(CFG.conditions, beam_mu_per_mm=mu)))
+    faded = attenuated_beams(beam_hits(target, down), ct, down, replace(CFG, conditions=replace(CFG.conditions, beam_mu_per_mm=mu)))
     column = faded[0, 0, :, 32].numpy()
     inside = slice(10, 55)
     assert np.all(np.diff(column[inside]) < 0)                          # deeper, fainter
@@ -161,14 +167,7 @@ def test_mirroring_keeps_the_attenuated_beams_in_place():
     from dataclasses import replace
 
     cfg = CFG.with_conditions(replace(CFG.conditions, beam_mu_per_mm=0.0045))
-    ct, masks = head_and_neck(shape=(10, 32, 32), spacing=(4.0, 4.0, 3.0))
-    m = {k: v for k, v in masks.items() if k != "BODY"}
-    m[POSSIBLE_DOSE] = masks["BODY"]
-    mirrored = {n: Volume.on_grid(v.array[..., ::-1].copy(), v.grid) for n, v in m.items()}
-    mirrored["RightParotid"], mirrored["LeftParotid"] = mirrored["LeftParotid"], mirrored["RightParotid"]
-    ct_m = Volume.on_grid(ct.array[..., ::-1].copy(), ct.grid)
-    a = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct, m, cfg)), np.arange(10), cfg), cfg)[1]
-    b = assemble(*gather(*(lambda s: (s.ct, s.psdm))(slice_stack(ct_m, mirrored, cfg)), np.arange(10), cfg), cfg)[1]
+    (_, a), (_, b) = phantom_and_mirror_inputs(cfg)
     names = cfg.conditions.channel_names()
     i = names.index("beams attenuated:PTV70")
     assert a[:, i].max() > 0 and a[:, i].max() < 1

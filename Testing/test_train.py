@@ -185,21 +185,29 @@ def test_warm_start_begins_from_the_card_and_refuses_another_configuration(tmp_p
     assert json.loads(text)["training"]["learning_curve"][0]["step"] == 1
 
 
+def saved_random_model(cfg: ModelConfig, card: Path, seed: int):
+    """A network with every parameter drawn at random (so its output depends on every input), saved with its card."""
+    from DoseDiffLib.mmfnet import MMFNet
+    from DoseDiffLib.modelcard import save_model
+
+    torch.manual_seed(seed)
+    net = MMFNet(cfg.net).eval()
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    save_model(net, cfg, card, {}, half=False)
+    return net
+
+
 def test_warm_start_with_appended_channels_keeps_the_trained_function(tmp_path):
     """New input channels start at zero weight: the grown network computes what the old one did."""
     import copy
 
     from DoseDiffLib.conditions import assemble, gather
     from DoseDiffLib.mmfnet import MMFNet
-    from DoseDiffLib.modelcard import save_model
     from DoseDiffLib.train import _warm_start
 
     old_cfg = ModelConfig.preset("test")
-    torch.manual_seed(1)
-    old = MMFNet(old_cfg.net).eval()
-    for p in old.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    save_model(old, old_cfg, tmp_path / "old.json", {}, half=False)
+    old = saved_random_model(old_cfg, tmp_path / "old.json", seed=1)
     tcfg = TrainConfig.from_settings(preset="test", context=1, beams=True)
     new_cfg = tcfg.model
     assert new_cfg.net.ct_channels == 3 and new_cfg.net.cond_channels == old_cfg.net.cond_channels + 2 + 3
@@ -228,15 +236,10 @@ def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_pat
 
     from DoseDiffLib.conditions import assemble, gather
     from DoseDiffLib.mmfnet import MMFNet
-    from DoseDiffLib.modelcard import save_model
     from DoseDiffLib.train import _warm_start
 
     old_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True).model
-    torch.manual_seed(2)
-    old = MMFNet(old_cfg.net).eval()
-    for p in old.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    save_model(old, old_cfg, tmp_path / "old.json", {}, half=False)
+    old = saved_random_model(old_cfg, tmp_path / "old.json", seed=2)
     new_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True, beam_mu=0.0045).model
     names = new_cfg.conditions.channel_names()
     assert names[:old_cfg.net.cond_channels] == old_cfg.conditions.channel_names()

@@ -210,10 +210,10 @@ def cache_cohort(root: str | Path, cache: Path, cfg: ModelConfig, prescriptions:
         rows.append(row)
         if progress:
             progress(case.key)
-    moved = _ensure_validation(index, validation_fraction, cache)
+    moved = _ensure_both_splits(index, validation_fraction, cache)
     for row in rows:
-        if row["case"] == moved:
-            row["split"] = "validation"
+        if row["case"] in moved:
+            row["split"] = moved[row["case"]]
     if scan_warnings:
         rows.append({"case": "", "where": str(root), "status": "note", "reason": " | ".join(scan_warnings)})
     write_rows(rows, cache / "cohort_report.csv")
@@ -233,15 +233,23 @@ def write_rows(rows: list[dict], path: Path) -> Path:
     return atomic_write(path, writer, overwrite=True)
 
 
-def _ensure_validation(index: dict, fraction: float, cache: Path) -> str | None:
-    """With a fraction asked for and two or more DICOM cases, at least one validates (the one of lowest draw)."""
+def _ensure_both_splits(index: dict, fraction: float, cache: Path) -> dict[str, str]:
+    """With a fraction asked for and two or more DICOM cases, at least one validates (the one of
+    lowest draw) and at least one trains (the one of highest draw); returns {case: new split}."""
     from .prepare import write_index
 
     dicom = [(s, e) for s, es in index["splits"].items() for e in es if e.get("source") == "dicom"]
-    if fraction <= 0 or len(dicom) < 2 or any(s == "validation" for s, _ in dicom):
-        return None
-    split, entry = min(dicom, key=lambda se: int(se[1]["pid"][4:], 16))
-    index["splits"][split].remove(entry)
-    index["splits"].setdefault("validation", []).append(entry)
-    write_index(index, cache)
-    return entry["pid"]
+    if fraction <= 0 or len(dicom) < 2:
+        return {}
+    draw = lambda se: int(se[1]["pid"][4:], 16)  # noqa: E731
+    moved = {}
+    for wanted, pick in (("validation", min), ("train", max)):
+        if not any(s == wanted for s, _ in dicom):
+            split, entry = pick(dicom, key=draw)
+            index["splits"][split].remove(entry)
+            index["splits"].setdefault(wanted, []).append(entry)
+            moved[entry["pid"]] = wanted
+            dicom = [(wanted if e is entry else s, e) for s, e in dicom]
+    if moved:
+        write_index(index, cache)
+    return moved

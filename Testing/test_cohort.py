@@ -238,3 +238,20 @@ def test_bad_cohort_arguments_are_one_line_and_exit_2(tmp_path, args, message):
     res = dosediff(*[a.format(**names) for a in args])
     assert res.returncode == 2 and message in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("drawn", ["train", "validation"])
+def test_a_cohort_always_has_a_patient_to_train_on_and_one_to_validate(tmp_path, drawn):
+    """The per-patient draw can put every patient on one side; the ends of the draw then move across."""
+    from DoseDiffLib.cohort import _ensure_both_splits
+
+    entries = [{"pid": f"dcm_{k:010x}", "source": "dicom"} for k in (5, 900, 40)]
+    index = {"splits": {drawn: list(entries)}}
+    moved = _ensure_both_splits(index, 0.2, tmp_path)
+    other = "validation" if drawn == "train" else "train"
+    want = entries[0]["pid"] if other == "validation" else entries[1]["pid"]  # lowest draw validates, highest trains
+    assert moved == {want: other}
+    assert [e["pid"] for e in index["splits"][other]] == [want] and len(index["splits"][drawn]) == 2
+    assert json.loads((tmp_path / "index.json").read_text())["splits"][other] == index["splits"][other]
+    assert _ensure_both_splits(index, 0.2, tmp_path) == {}            # both sides held: nothing moves
+    assert _ensure_both_splits({"splits": {drawn: entries[:1]}}, 0.2, tmp_path) == {}  # one patient: no split

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from DoseDiffLib.conditions import (STACK_ROIS, assemble, beam_directions, beam_lines, gather, mirror_channels,
+from DoseDiffLib.conditions import (assemble, beam_directions, beam_lines, gather, mirror_channels,
                                     neighbours, slice_stack)
 from DoseDiffLib.config import POSSIBLE_DOSE, ConditionConfig, ModelConfig
 from DoseDiffLib.losses import sorted_dose_l1

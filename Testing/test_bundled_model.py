@@ -15,12 +15,12 @@ from DoseDiffLib.registry import resolve
 
 TOLERANCE_GY = 0.3
 MEASURED = {
-    "regression": {("PTV70", "D95"): 70.02, ("PTV70", "D1"): 72.92, ("PTV56", "D95"): 55.71,
-                   ("RightParotid", "Dmean"): 13.83, ("LeftParotid", "Dmean"): 4.64,
-                   ("SpinalCord", "D0.1cc"): 22.67, ("Larynx", "Dmean"): 18.44},
-    "ddim": {("PTV70", "D95"): 70.43, ("PTV70", "D1"): 73.45, ("PTV56", "D95"): 56.01,
-             ("RightParotid", "Dmean"): 14.62, ("LeftParotid", "Dmean"): 5.53,
-             ("SpinalCord", "D0.1cc"): 24.53, ("Larynx", "Dmean"): 20.86},
+    "regression": {("PTV70", "D95"): 70.15, ("PTV70", "D1"): 72.63, ("PTV56", "D95"): 55.56,
+                   ("RightParotid", "Dmean"): 13.11, ("LeftParotid", "Dmean"): 4.15,
+                   ("SpinalCord", "D0.1cc"): 22.79, ("Larynx", "Dmean"): 17.81},
+    "ddim": {("PTV70", "D95"): 70.49, ("PTV70", "D1"): 73.22, ("PTV56", "D95"): 55.86,
+             ("RightParotid", "Dmean"): 13.73, ("LeftParotid", "Dmean"): 3.92,
+             ("SpinalCord", "D0.1cc"): 23.45, ("Larynx", "Dmean"): 18.89},
 }
 
 
@@ -52,5 +52,7 @@ def test_the_bundled_card_names_its_validated_sampler():
     _, cfg, card = load_model(resolve("dosediff-openkbp"))
     assert cfg.diffusion.sampler == "regression"
     assert card["ct_channels"] == cfg.conditions.ct_channel_names() == ["CT", "CT@-1", "CT@+1", "CT@-2", "CT@+2"]
-    assert card["condition_channels"][-3:] == ["beams:PTV70", "beams:PTV63", "beams:PTV56"]
+    assert card["condition_channels"][-6:] == ["beams:PTV70", "beams:PTV63", "beams:PTV56", "beams attenuated:PTV70",
+                                               "beams attenuated:PTV63", "beams attenuated:PTV56"]
+    assert cfg.conditions.beam_mu_per_mm == pytest.approx(0.0045)
     assert "/work/" not in str(card["training"]) and "/tmp/" not in str(card["training"])

@@ -33,7 +33,7 @@ python3 -m DoseDiffLib.cli prepare --pack "$pack" --cache "$cache" --workers "$(
 echo "cache built in $((SECONDS - t0)) s" | tee -a "$out/device.txt"
 # the recipe of the bundled model's inputs and objective, on a bigger network and batch
 python3 -m DoseDiffLib.cli train --cache "$cache" --run "$out/run" --device "$device" \
-    --set preset="$preset" --set prediction=x0 --set context=2 --set beams=True \
+    --set preset="$preset" --set prediction=x0 --set context=2 --set beams=True --set beam_mu=0.0045 \
     --set loss=l1 --set outside_weight=0.1 --set dvh_weight=0.5 --set last_step_fraction=0.5 \
     --set sampler=regression --set batch_size=64 --set lr=5e-4 --set steps=100000 \
     --set max_seconds="$budget" --set val_every=1000 --set val_patients=5 --set checkpoint_every=1000 \

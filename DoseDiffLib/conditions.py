@@ -87,18 +87,21 @@ def beam_directions(cfg: ModelConfig, batch: int) -> torch.Tensor:
     return torch.stack([torch.sin(a), torch.cos(a)], -1).expand(batch, -1, -1)
 
 
-def beam_lines(targets: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """Share of the beam lines through each pixel that cross the target on that slice.
+def beam_lines(hits: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W): the share of the beam lines through each pixel that cross target k.
 
-    targets (B, K, H, W) boolean; directions (B, A, 2) unit (x, y) vectors in pixels.
-    Parallel-beam approximation: pixels are binned, one pixel wide, by their coordinate
-    across each beam; a line crosses the target if any target pixel shares its bin.
+    hits (B, A, K, H, W) from beam_hits. Parallel-beam approximation: pixels are binned,
+    one pixel wide, by their coordinate across each beam; a line crosses the target if
+    any target pixel of that slice shares its bin.
     """
-    return beam_hits(targets, directions).mean(1)
+    return hits.mean(1)
 
 
 def beam_hits(targets: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
-    """(B, A, K, H, W): 1 where the line of beam a through the pixel crosses target k (see beam_lines)."""
+    """(B, A, K, H, W): 1 where the line of beam a through the pixel crosses target k.
+
+    targets (B, K, H, W) boolean; directions (B, A, 2) unit (x, y) vectors in pixels.
+    """
     b, k, h, w = targets.shape
     a = directions.shape[1]
     dev = targets.device
@@ -180,7 +183,7 @@ def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: 
             directions = beam_directions(cfg, ps.shape[0])
         targets = inside[:, [pos[t] for t in c.beam_targets]] > 0
         hits = beam_hits(targets, directions)                              # once, for both kinds of channel
-        chans += list(hits.mean(1).unbind(1))
+        chans += list(beam_lines(hits).unbind(1))
         if c.beam_mu_per_mm > 0:
             chans += list(attenuated_beams(hits, ct_ctx[:, 0], directions, cfg).unbind(1))
     return ct_ctx, torch.stack(chans, dim=1)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from DoseDiffLib.conditions import (assemble, beam_directions, beam_lines, gather, mirror_channels,
+from DoseDiffLib.conditions import (assemble, beam_directions, beam_hits, beam_lines, gather, mirror_channels,
                                     neighbours, slice_stack)
 from DoseDiffLib.config import POSSIBLE_DOSE, ConditionConfig, ModelConfig
 from DoseDiffLib.losses import sorted_dose_l1
@@ -22,8 +22,8 @@ def one_pixel(n=33, r=10, c=20):
 
 def test_a_vertical_beam_line_is_the_targets_column_and_a_horizontal_one_its_row():
     t = one_pixel()
-    vertical = beam_lines(t, torch.tensor([[[0.0, 1.0]]]))[0, 0]
-    horizontal = beam_lines(t, torch.tensor([[[1.0, 0.0]]]))[0, 0]
+    vertical = beam_lines(beam_hits(t, torch.tensor([[[0.0, 1.0]]])))[0, 0]
+    horizontal = beam_lines(beam_hits(t, torch.tensor([[[1.0, 0.0]]])))[0, 0]
     assert torch.equal(vertical.nonzero()[:, 1].unique(), torch.tensor([20])) and vertical[:, 20].all()
     assert torch.equal(horizontal.nonzero()[:, 0].unique(), torch.tensor([10])) and horizontal[10].all()
 
@@ -31,7 +31,7 @@ def test_a_vertical_beam_line_is_the_targets_column_and_a_horizontal_one_its_row
 def test_a_diagonal_beam_line_runs_along_the_diagonal_through_the_target():
     t = one_pixel()
     d = torch.tensor([[[2 ** -0.5, 2 ** -0.5]]])
-    m = beam_lines(t, d)[0, 0]
+    m = beam_lines(beam_hits(t, d))[0, 0]
     r, c = m.nonzero().T
     assert torch.all((c - r) == 10)                    # the line x - y = 20 - 10 and nothing else
     assert m[0, 10] == 1 and m[22, 32] == 1
@@ -39,7 +39,7 @@ def test_a_diagonal_beam_line_runs_along_the_diagonal_through_the_target():
 
 def test_nine_openkbp_beams_count_how_many_lines_reach_the_target():
     t = one_pixel(65, 32, 32)
-    m = beam_lines(t, beam_directions(CFG, 1))[0, 0]
+    m = beam_lines(beam_hits(t, beam_directions(CFG, 1)))[0, 0]
     assert m[32, 32] == 1.0                            # every line through the target itself
     assert m[0, 32] == pytest.approx(1 / 9)             # straight above: only the 0-degree line
     assert m[32, 0] == 0.0                              # 90 degrees lies between 80 and 100: none
@@ -143,16 +143,17 @@ def test_beam_depth_in_a_water_disk_is_the_chord_back_to_where_the_beam_entered(
 def test_attenuated_beams_fade_with_depth_and_without_attenuation_are_the_beam_lines():
     from dataclasses import replace
 
-    from DoseDiffLib.conditions import attenuated_beams, beam_hits
+    from DoseDiffLib.conditions import attenuated_beams
 
     disk, _, _ = water_disk()
     ct = CFG.norm.ct(torch.where(disk > 0, 0.0, -1024.0))               # water in air, normalised
     target = one_pixel(65, 32, 32)
     down = torch.tensor([[[0.0, 1.0]]])                                # enters at the top (row 0)
     flat = replace(CFG, conditions=replace(CFG.conditions, beam_mu_per_mm=0.0))
-    torch.testing.assert_close(attenuated_beams(beam_hits(target, down), ct, down, flat), beam_lines(target, down))
+    hits = beam_hits(target, down)
+    torch.testing.assert_close(attenuated_beams(hits, ct, down, flat), beam_lines(hits))
     mu = 0.0045
-    faded = attenuated_beams(beam_hits(target, down), ct, down, replace(CFG, conditions=replace(CFG.conditions, beam_mu_per_mm=mu)))
+    faded = attenuated_beams(hits, ct, down, replace(CFG, conditions=replace(CFG.conditions, beam_mu_per_mm=mu)))
     column = faded[0, 0, :, 32].numpy()
     inside = slice(10, 55)
     assert np.all(np.diff(column[inside]) < 0)                          # deeper, fainter

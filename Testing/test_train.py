@@ -261,7 +261,7 @@ def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_pat
 
 def test_augmentation_turns_the_beams_with_the_patient():
     """Beam lines of the augmented target with the returned beams = the augmented beam lines."""
-    from DoseDiffLib.conditions import beam_lines
+    from DoseDiffLib.conditions import beam_hits, beam_lines
 
     n = 64
     target = torch.zeros(1, 1, n, n, dtype=torch.bool)
@@ -269,14 +269,14 @@ def test_augmentation_turns_the_beams_with_the_patient():
     ps = torch.where(target, 1.0, -1.0).expand(1, len(CACHE_ROIS), n, n).clone()
     ct, dose = torch.zeros(1, 1, n, n), torch.zeros(1, 1, n, n)
     dirs = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])       # a vertical and a horizontal beam line
-    before = beam_lines(target, dirs)                       # 0, 0.5 or 1
+    before = beam_lines(beam_hits(target, dirs))            # 0, 0.5 or 1
     cfg = TrainConfig(aug_p=1.0, max_rotation_deg=40, zoom=0.1, shift=0.1)
     turned = 0
     for seed in range(6):
         # the beam map rides along as a context channel, warped exactly like the anatomy
         _, ps2, _, ctx2, d2 = augment(ct, ps, dose, cfg, torch.Generator().manual_seed(seed),
                                       (before - 0.25).reshape(1, 1, 1, n, n), dirs)
-        agree = lambda d: ((beam_lines(ps2[:, :1] > 0, d) >= 0.5) == (ctx2[:, 0, 0] > 0)).float().mean().item()  # noqa: E731
+        agree = lambda d: ((beam_lines(beam_hits(ps2[:, :1] > 0, d)) >= 0.5) == (ctx2[:, 0, 0] > 0)).float().mean().item()  # noqa: E731
         # strip edges alias by a pixel and the padding differs at the border: not 100 %
         assert agree(d2) > 0.94, (seed, agree(d2))
         assert agree(d2) > agree(dirs) + 0.05 or torch.allclose(d2, dirs, atol=0.05)

@@ -22,6 +22,11 @@ pack=${PACK:-gpu/openkbp.pack.xz}
 preset=${PRESET:-small}
 budget=${TRAIN_SECONDS:-480}
 device=${DEVICE:-cuda}    # DEVICE=cpu PRESET=tiny TRAIN_SECONDS=30 rehearses the script here
+# INIT=Resources/Models/dosediff-openkbp.json PRESET=tiny LR=3e-4 warm-starts from the bundled
+# weights instead: the CPU hours stay, and so do both speed bars on 2 cores, which a `small`
+# network misses for 8 DDIM steps
+init=${INIT:-}
+lr=${LR:-5e-4}
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 cache=$(mktemp -d)
 mkdir -p "$out"
@@ -35,7 +40,7 @@ echo "cache built in $((SECONDS - t0)) s" | tee -a "$out/device.txt"
 python3 -m DoseDiffLib.cli train --cache "$cache" --run "$out/run" --device "$device" \
     --set preset="$preset" --set prediction=x0 --set context=2 --set beams=True --set beam_mu=0.0045 \
     --set loss=l1 --set outside_weight=0.1 --set dvh_weight=0.5 --set last_step_fraction=0.5 \
-    --set sampler=regression --set batch_size=64 --set lr=5e-4 --set steps=100000 \
+    --set sampler=regression --set batch_size=64 --set lr="$lr" --set steps=100000 ${init:+--set init="$init"} \
     --set max_seconds="$budget" --set val_every=1000 --set val_patients=5 --set checkpoint_every=1000 \
     2>&1 | tail -n 5
 rm -f "$out/run/checkpoint.pt"    # optimiser state: too big to bring back, not needed for the model

@@ -36,7 +36,7 @@ mkdir -p "$out"
 t0=$SECONDS
 python3 -m DoseDiffLib.cli prepare --pack "$pack" --cache "$cache" --workers "$(nproc)" 2>&1 | tail -n 2
 echo "cache built in $((SECONDS - t0)) s" | tee -a "$out/device.txt"
-# the recipe of the bundled model's inputs and objective, on a bigger network and batch
+# the recipe of the bundled model's inputs and objective, on a bigger batch (and network, without INIT)
 python3 -m DoseDiffLib.cli train --cache "$cache" --run "$out/run" --device "$device" \
     --set preset="$preset" --set prediction=x0 --set context=2 --set beams=True --set beam_mu=0.0045 \
     --set loss=l1 --set outside_weight=0.1 --set dvh_weight=0.5 --set last_step_fraction=0.5 \

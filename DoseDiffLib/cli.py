@@ -75,13 +75,16 @@ def _add_sampler(p) -> None:
     p.add_argument("--samples", type=SAMPLES, default=None, help="samples averaged (overrides the sampler's)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
                    help="also predict the mirrored patient and average (overrides the sampler's)")
+    p.add_argument("--z-smoothing", type=float, default=None, metavar="MM",
+                   help="Gaussian SD along z applied outside the targets to the slice-by-slice prediction "
+                        "(0 turns it off); default: the model card's")
 
 
 def _sampling(args, seed: int | None, device) -> "Sampling":
     from .job import Sampling
 
     return Sampling(args.sampler, args.steps, args.samples, args.flip, seed, device,
-                    getattr(args, "batch_size", None))
+                    getattr(args, "batch_size", None), args.z_smoothing)
 
 
 def _add_predict(sub) -> None:
@@ -395,7 +398,8 @@ def _timing_summary(timings: dict) -> dict:
     secs = [r["seconds"] for r in rows]
     return {"mean": round(sum(secs) / len(secs), 1), "max": max(secs),
             "mean_slices_predicted": round(sum(r["slices"] for r in rows) / len(rows), 1),
-            **{k: rows[0][k] for k in ("device", "threads", "sampler", "steps", "samples", "flip")}}
+            **{k: rows[0].get(k) for k in ("device", "threads", "sampler", "steps", "samples", "flip",
+                                            "z_smoothing_mm")}}
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:

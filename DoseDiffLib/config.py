@@ -138,6 +138,10 @@ class NormConfig:
         return ((x + 1.0) / 2.0 * self.dose_max_gy).clip(0.0, self.dose_max_gy)
 
 
+# a Gaussian along z wider than this would blur the dose's real fall-off, not slice noise
+MAX_Z_SMOOTHING_MM = 10.0
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
     """How a trained network is sampled into a dose."""
@@ -147,6 +151,7 @@ class SamplerConfig:
     samples: int = 1              # independent noise draws, averaged
     flip: bool = False            # also run the left-right mirrored patient and average
     eta: float = 0.0
+    z_smoothing_mm: float = 0.0   # Gaussian SD along z outside the targets (README, "Slice noise")
 
 
 # Named, measured choices (README, "Sampler"). "regression" is one network call at
@@ -166,9 +171,10 @@ class DiffusionConfig:
     beta_end: float = 0.02
     prediction: str = "epsilon"   # epsilon | x0 | v
     sampler: str = "ddim"         # the named sampler this model is validated with, its default
+    z_smoothing_mm: float = 0.0   # the slice-noise filter this model is validated with (0: none)
 
     # how a trained network is sampled, not what its weights mean: free to differ on a warm start
-    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler",)
+    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler", "z_smoothing_mm")
 
 
 @dataclass(frozen=True)

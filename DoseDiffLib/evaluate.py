@@ -189,7 +189,7 @@ def evaluate_openkbp(root: Path, predictions: Path, out_dir: Path, gamma: bool =
     make_folder(out_dir)
     for folder, pred_file in pairs:
         p = openkbp.read_patient(folder)
-        pred = openkbp.from_openkbp_axes(openkbp._read_sparse(pred_file, True))
+        pred = openkbp.read_dose_csv(pred_file)
         check_dose(pred, f"Prediction {pred_file}")
         check_dose(p.dose.array, f"Reference dose of {folder}")
         masks = {k: v.array for k, v in p.masks.items()}

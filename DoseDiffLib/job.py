@@ -69,9 +69,11 @@ class Sampling:
     seed: int | None = None            # None: random, reported in the result
     device: "torch.device | str" = "cpu"
     batch_size: int | None = None
+    z_smoothing_mm: float | None = None
 
     def choice(self) -> dict[str, Any]:
-        return {"sampler": self.sampler, "steps": self.steps, "samples": self.samples, "flip": self.flip}
+        return {"sampler": self.sampler, "steps": self.steps, "samples": self.samples, "flip": self.flip,
+                "z_smoothing_mm": self.z_smoothing_mm}
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ def predict_openkbp_split(folders: list[Path], out: Path, loaded: Loaded, sampli
         timings[folder.name] = {"seconds": round(time.perf_counter() - t0, 2), "device": str(sampling.device),
                                 "threads": torch.get_num_threads(), "sampler": pred.info["sampler"],
                                 "steps": pred.info["steps"], "samples": pred.info["samples"],
-                                "flip": pred.info["flip"], "slices": pred.info["slices_predicted"]}
+                                "flip": pred.info["flip"], "z_smoothing_mm": pred.info["z_smoothing_mm"],
+                                "slices": pred.info["slices_predicted"]}
         text = json.dumps(timings, indent=1)
         atomic_write(timings_path, lambda p: p.write_text(text), overwrite=True)
 

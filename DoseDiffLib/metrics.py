@@ -76,6 +76,22 @@ def slice_streak(dose: np.ndarray, mask: np.ndarray) -> float:
     return float(np.abs(np.diff(dose.astype(np.float64), axis=0))[both].mean())
 
 
+def slice_roughness(dose: np.ndarray, mask: np.ndarray) -> float:
+    """Mean |dose(z) - (dose(z-1) + dose(z+1)) / 2| over voxels inside the mask on all three
+    slices (Gy).
+
+    A dose gradient along z is physics and raises `slice_streak` alike in plan and
+    prediction; noise between independently predicted slices shows here, where a steady
+    gradient cancels.
+    """
+    m = mask.astype(bool)
+    inside = m[1:-1] & m[:-2] & m[2:]
+    if not inside.any():
+        return 0.0
+    d = dose.astype(np.float64)
+    return float(np.abs(d[1:-1] - 0.5 * (d[:-2] + d[2:]))[inside].mean())
+
+
 def mae_in(reference: np.ndarray, prediction: np.ndarray, mask: np.ndarray) -> float:
     m = mask.astype(bool)
     return float(np.abs(reference[m] - prediction[m]).mean())

@@ -97,6 +97,11 @@ def read_patient(folder: str | os.PathLike, with_dose: bool = True) -> OpenKBPPa
     return OpenKBPPatient(folder.name, ct, masks, pdm, dose)
 
 
+def read_dose_csv(path: str | os.PathLike) -> np.ndarray:
+    """A dose in OpenKBP's sparse CSV (a prediction or dose.csv), as (z, y, x) Gy."""
+    return from_openkbp_axes(_read_sparse(Path(path), True))
+
+
 def write_dose_csv(dose: Volume, path: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write a dose on the OpenKBP grid as the challenge's sparse submission CSV."""
     if dose.array.shape != SHAPE:

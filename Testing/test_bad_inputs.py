@@ -784,6 +784,8 @@ _table("traceback", _predict_to_nrrd, [
     ("steps_beyond_schedule", ("--steps", "5000"), "Steps must be 1 to 1000"),
     ("samples_zero", ("--samples", "0"), "--samples: .*outside"),
     ("batch_size_zero", ("--batch-size", "0"), "--batch-size: .*outside"),
+    ("z_smoothing_negative", ("--z-smoothing", "-1"), r"z smoothing must be 0 to 10 mm \(got -1 mm\)"),
+    ("z_smoothing_nan", ("--z-smoothing", "nan"), r"z smoothing must be 0 to 10 mm \(got nan mm\)"),
 ])
 _table("traceback", lambda root, card, *sets: _train(root, *sets), [
     ("set_value_not_a_number", ("lr=abc",), r"--set lr=.abc. is not a valid float"),

@@ -126,6 +126,20 @@ def test_slice_streak_is_the_mean_step_between_neighbouring_slices_inside_the_ma
     assert slice_streak(np.linspace(0, 9, 10)[:, None, None] * np.ones((10, 3, 3)), np.ones((10, 3, 3))) == 1.0
 
 
+def test_slice_roughness_ignores_a_steady_gradient_and_measures_slice_noise():
+    from DoseDiffLib.metrics import slice_roughness
+
+    ramp = np.linspace(0, 9, 10)[:, None, None] * np.ones((10, 3, 3))
+    mask = np.ones((10, 3, 3), bool)
+    assert slice_roughness(ramp, mask) == pytest.approx(0.0, abs=1e-12)
+    noisy = ramp.copy()
+    noisy[1::2] += 1.0      # odd slices 1 Gy high: each inner slice is 1 Gy off its neighbours' mean
+    assert slice_roughness(noisy, mask) == pytest.approx(1.0)
+    mask[5] = False         # slices 4, 5, 6 have a neighbour or themselves outside the mask
+    assert slice_roughness(noisy, mask) == pytest.approx(1.0)
+    assert slice_roughness(noisy[:2], mask[:2]) == 0.0
+
+
 def test_the_dvh_score_cells_are_the_roi_tables_figures_under_the_same_names():
     dose = np.arange(1, 101, dtype=float).reshape(1, 10, 10)
     ptv = np.ones_like(dose, bool)

@@ -214,3 +214,72 @@ def test_mirror_averaging_differs_from_one_view_and_reports_itself(model, phanto
     both = run(model, ct, masks, flip=True)[1]
     assert both.info["flip"] and not one.info["flip"]
     assert np.abs(both.dose.array - one.dose.array).max() > 0.01
+
+
+# --- slice-noise filter along z ------------------------------------------------------------
+
+def _column(nz: int = 40) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One sample of a 1 x 2 pixel column: weight everywhere, no target."""
+    return (np.zeros((1, nz, 1, 2), np.float32), np.ones((nz, 1, 2), bool), np.zeros((nz, 1, 2), bool))
+
+
+@pytest.mark.parametrize("slice_mm", [2.5, 3.0])
+def test_z_smoothing_spreads_a_spike_with_a_gaussian_of_the_sd_in_mm(slice_mm):
+    from DoseDiffLib.predict import smooth_along_z
+
+    gy, weight, keep = _column()
+    gy[0, 20] = 10.0
+    out = smooth_along_z(gy, weight, keep, 2.5, slice_mm)[0, :, 0, 0]
+    sigma = 2.5 / slice_mm
+    k = np.arange(-int(4 * sigma + 0.5), int(4 * sigma + 0.5) + 1)  # scipy truncates at 4 SD
+    g = np.exp(-0.5 * (k / sigma) ** 2)
+    np.testing.assert_allclose(out[20 + k], 10.0 * g / g.sum(), rtol=1e-5)
+    assert abs(out.sum() - 10.0) < 1e-4 and not out[:20 + k[0]].any()
+
+
+def test_z_smoothing_keeps_a_flat_dose_at_the_edges_of_its_region_and_leaves_targets_alone():
+    from DoseDiffLib.predict import smooth_along_z
+
+    gy, weight, keep = _column()
+    weight[:10] = weight[30:] = False       # the predicted slab: slices 10..29
+    gy[0, 10:30] = 30.0
+    keep[15:18, 0, 0] = True
+    gy[0, 15:18, 0, 0] = 70.0               # a target at 70 Gy in one column
+    out = smooth_along_z(gy, weight, keep, 3.0, 2.5)
+    np.testing.assert_array_equal(out[0, 15:18, 0, 0], 70.0)
+    np.testing.assert_allclose(out[0, 10:30, 0, 1], 30.0, rtol=1e-6)  # a plain filter would fall at 10 and 29
+    assert not out[0, :10].any() and not out[0, 30:].any()
+    assert out[0, 14, 0, 0] > 30.5 and out[0, 19, 0, 0] > 30.5      # the target's dose spreads into its neighbours
+    np.testing.assert_array_equal(smooth_along_z(gy, weight, keep, 0.0, 2.5), gy)
+
+
+def test_z_smoothing_comes_from_the_card_can_be_overridden_and_spares_the_targets(model, phantom):
+    from dataclasses import replace
+
+    from DoseDiffLib.predict import resolve_sampler
+
+    net, cfg, _ = model
+    ct, masks = phantom
+    smoothed_cfg = replace(cfg, diffusion=replace(cfg.diffusion, z_smoothing_mm=3.0))
+    assert resolve_sampler(smoothed_cfg)[1].z_smoothing_mm == 3.0
+    assert resolve_sampler(smoothed_cfg, z_smoothing_mm=0.0)[1].z_smoothing_mm == 0.0
+    for bad in (-0.5, 10.5, float("nan")):
+        with pytest.raises(DoseDiffError, match="z smoothing must be 0 to 10 mm"):
+            resolve_sampler(cfg, z_smoothing_mm=bad)
+    inputs = prepare_case(ct, masks, smoothed_cfg)
+    plain = predict_case(inputs, net, smoothed_cfg, steps=2, seed=3, z_smoothing_mm=0.0)
+    smooth = predict_case(inputs, net, smoothed_cfg, steps=2, seed=3)
+    assert smooth.info["z_smoothing_mm"] == 3.0 and plain.info["z_smoothing_mm"] == 0.0
+    targets = np.zeros(ct.array.shape, bool)
+    for name in ("PTV70", "PTV63", "PTV56"):
+        if name in masks:
+            targets |= masks[name].array > 0
+    # the model grid is 7.2 mm here: CT voxels within 3 pixels (9.6 mm) of a target's edge interpolate
+    # between target and non-target model pixels
+    from scipy import ndimage
+
+    inner = ndimage.binary_erosion(targets, np.ones((1, 7, 7), bool))
+    assert inner.sum() > 100
+    np.testing.assert_array_equal(smooth.dose.array[inner], plain.dose.array[inner])
+    assert np.abs(smooth.dose.array - plain.dose.array)[~targets].max() > 0.01
+    assert not smooth.dose.array[masks["BODY"].array == 0].any()

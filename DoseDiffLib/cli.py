@@ -74,7 +74,7 @@ def _add_sampler(p) -> None:
     p.add_argument("--steps", type=STEPS, default=None, help="DDIM steps (overrides the sampler's)")
     p.add_argument("--samples", type=SAMPLES, default=None, help="samples averaged (overrides the sampler's)")
     p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
-                   help="also predict the mirrored patient and average (overrides the sampler's)")
+                   help="also predict the mirrored patient and average (overrides the sampler's and the model card's)")
     p.add_argument("--z-smoothing", type=float, default=None, metavar="MM",
                    help="Gaussian SD along z applied outside the targets to the slice-by-slice prediction "
                         "(0 turns it off); default: the model card's")

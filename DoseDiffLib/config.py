@@ -171,10 +171,11 @@ class DiffusionConfig:
     beta_end: float = 0.02
     prediction: str = "epsilon"   # epsilon | x0 | v
     sampler: str = "ddim"         # the named sampler this model is validated with, its default
+    flip: bool = False            # validated with the mirrored patient averaged in, whatever the sampler
     z_smoothing_mm: float = 0.0   # the slice-noise filter this model is validated with (0: none)
 
     # how a trained network is sampled, not what its weights mean: free to differ on a warm start
-    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler", "z_smoothing_mm")
+    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler", "flip", "z_smoothing_mm")
 
 
 @dataclass(frozen=True)

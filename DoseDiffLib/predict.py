@@ -333,13 +333,14 @@ def resolve_sampler(cfg: ModelConfig, sampler: str | None = None, steps: int | N
                     samples: int | None = None, flip: bool | None = None,
                     z_smoothing_mm: float | None = None) -> tuple[str, SamplerConfig]:
     """A named sampler (default: the one the model card was validated with), with the card's
-    slice-noise filter, and overrides."""
+    mirror averaging and slice-noise filter, and overrides."""
     name = sampler or cfg.diffusion.sampler
     if name not in SAMPLERS:
         raise DoseDiffError(f"Unknown sampler {name!r}.", f"Choose one of: {', '.join(SAMPLERS)}.")
     changes = {k: v for k, v in (("steps", steps), ("samples", samples), ("flip", flip),
                                  ("z_smoothing_mm", z_smoothing_mm)) if v is not None}
-    chosen = replace(SAMPLERS[name], **{"z_smoothing_mm": float(cfg.diffusion.z_smoothing_mm), **changes})
+    card = {"flip": SAMPLERS[name].flip or bool(cfg.diffusion.flip), "z_smoothing_mm": float(cfg.diffusion.z_smoothing_mm)}
+    chosen = replace(SAMPLERS[name], **{**card, **changes})
     if chosen.samples < 1 or not 1 <= chosen.steps <= cfg.diffusion.timesteps:
         raise DoseDiffError(f"Steps must be 1 to {cfg.diffusion.timesteps} and samples at least 1 "
                             f"(got {chosen.steps} steps, {chosen.samples} samples).")

@@ -253,6 +253,19 @@ def test_z_smoothing_keeps_a_flat_dose_at_the_edges_of_its_region_and_leaves_tar
     np.testing.assert_array_equal(smooth_along_z(gy, weight, keep, 0.0, 2.5), gy)
 
 
+def test_the_cards_mirror_averaging_applies_to_every_sampler_unless_turned_off(model):
+    from dataclasses import replace
+
+    from DoseDiffLib.predict import resolve_sampler
+
+    _, cfg, _ = model
+    mirrored = replace(cfg, diffusion=replace(cfg.diffusion, flip=True))
+    assert not resolve_sampler(cfg, "regression")[1].flip and resolve_sampler(cfg, "ddim")[1].flip
+    assert resolve_sampler(mirrored, "regression")[1].flip and resolve_sampler(mirrored, "ddim")[1].flip
+    assert not resolve_sampler(mirrored, "regression", flip=False)[1].flip
+    assert resolve_sampler(mirrored, "regression")[1].steps == 1
+
+
 def test_z_smoothing_comes_from_the_card_can_be_overridden_and_spares_the_targets(model, phantom):
     from dataclasses import replace
 

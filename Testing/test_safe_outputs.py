@@ -86,9 +86,9 @@ def test_dose_is_written_on_the_cts_own_grid(phantom, test_card, tmp_path, degre
 
 def test_sampler_settings_may_change_without_breaking_the_checksum(test_card, tmp_path):
     card = B.copy_card(test_card, tmp_path)
-    B.edit_json(card, lambda d: d["config"]["diffusion"].update(sampler="regression"))
+    B.edit_json(card, lambda d: d["config"]["diffusion"].update(sampler="regression", flip=True, z_smoothing_mm=2.5))
     _, cfg, _ = load_model(card)
-    assert cfg.diffusion.sampler == "regression"
+    assert (cfg.diffusion.sampler, cfg.diffusion.flip, cfg.diffusion.z_smoothing_mm) == ("regression", True, 2.5)
 
 
 def test_cards_without_the_configuration_checksum_still_load(test_card, tmp_path):

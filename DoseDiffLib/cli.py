@@ -69,7 +69,7 @@ def _add_sampler(p) -> None:
     from .config import SAMPLERS
 
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
-                   help="regression (one call, fastest) or ddim (the paper's 8 steps, 4 samples, mirrored); "
+                   help="regression (one call per view, fastest) or ddim (the paper's 8 steps, 4 samples, mirrored); "
                         "default: the one the model card was validated with")
     p.add_argument("--steps", type=STEPS, default=None, help="DDIM steps (overrides the sampler's)")
     p.add_argument("--samples", type=SAMPLES, default=None, help="samples averaged (overrides the sampler's)")

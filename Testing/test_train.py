@@ -385,14 +385,20 @@ def test_recipes_written_before_the_run_held_its_model_configuration_still_read(
     card = read_card(resolve("dosediff-openkbp"))
     recipe = {k: v for k, v in card["training"]["recipe"].items() if k != "init"}
     tcfg = TrainConfig.from_settings(**recipe)
-    assert tcfg.model == ModelConfig.from_dict(card["config"])
+    held = ModelConfig.from_dict(card["config"])
+    # test-time settings chosen when the model was bundled are the card's, not the recipe's
+    assert tcfg.model.weights_dict() == held.weights_dict()
+    assert tcfg.model.diffusion.sampler == held.diffusion.sampler
     now = {k: v for k, v in tcfg.recipe().items() if k != "init"}
     assert {k: now[k] for k in recipe} == recipe
     # settings added since the card was written read as their defaults
     defaults = {**MODEL_SETTINGS, **TrainConfig().recipe()}
     assert all(now[k] == defaults[k] for k in set(now) - set(recipe))
     # a checkpoint of such a run resumes; another lr is refused by name
-    saved = {"train_config": recipe, "model_config": json.dumps(card["config"])}
+    # as training wrote it: without the test-time settings added when the model was bundled
+    trained_config = dict(card["config"], diffusion={k: v for k, v in card["config"]["diffusion"].items()
+                                                     if k not in ("flip", "z_smoothing_mm")})
+    saved = {"train_config": recipe, "model_config": json.dumps(trained_config)}
     _check_resume(saved, tcfg, Path("checkpoint.pt"))
     with pytest.raises(DoseDiffError, match=r"lr 0.0003 -> 0.001"):
         _check_resume(saved, TrainConfig.from_settings(**{**recipe, "lr": 1e-3}), Path("checkpoint.pt"))

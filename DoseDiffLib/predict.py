@@ -339,7 +339,8 @@ def resolve_sampler(cfg: ModelConfig, sampler: str | None = None, steps: int | N
         raise DoseDiffError(f"Unknown sampler {name!r}.", f"Choose one of: {', '.join(SAMPLERS)}.")
     changes = {k: v for k, v in (("steps", steps), ("samples", samples), ("flip", flip),
                                  ("z_smoothing_mm", z_smoothing_mm)) if v is not None}
-    card = {"flip": SAMPLERS[name].flip or bool(cfg.diffusion.flip), "z_smoothing_mm": float(cfg.diffusion.z_smoothing_mm)}
+    card = {"flip": SAMPLERS[name].flip or bool(cfg.diffusion.flip),
+            "z_smoothing_mm": float(cfg.diffusion.z_smoothing_mm)}
     chosen = replace(SAMPLERS[name], **{**card, **changes})
     if chosen.samples < 1 or not 1 <= chosen.steps <= cfg.diffusion.timesteps:
         raise DoseDiffError(f"Steps must be 1 to {cfg.diffusion.timesteps} and samples at least 1 "
@@ -416,7 +417,8 @@ def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: in
     dose = _to_ct_grid(inputs, mean)
     std_v = _to_ct_grid(inputs, std) if std is not None else None
     info = {"seed": seed, "sampler": name, "steps": smp.steps, "samples": smp.samples, "flip": smp.flip,
-            "z_smoothing_mm": smp.z_smoothing_mm, "timestep_spacing": smp.spacing, "slices_predicted": int(len(slices)),
+            "z_smoothing_mm": smp.z_smoothing_mm, "timestep_spacing": smp.spacing,
+            "slices_predicted": int(len(slices)),
             "device": str(device), "seconds_conditions": round(t1 - t0, 3),
             "seconds_sampling": round(t2 - t1, 3), "matched_rois": inputs.matched,
             "warnings": list(inputs.warnings), "model_grid_spacing_mm": list(inputs.ct.spacing),

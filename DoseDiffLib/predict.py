@@ -373,14 +373,14 @@ def smooth_along_z(gy: np.ndarray, weight: np.ndarray, keep: np.ndarray, sigma_m
     return np.where(change[None], filt / np.maximum(norm, 1e-12)[None], gy).astype(gy.dtype)
 
 
-def predicted_region(possible_dose: np.ndarray, slices: np.ndarray) -> np.ndarray:
+def _predicted_region(possible_dose: np.ndarray, slices: np.ndarray) -> np.ndarray:
     """Where the network predicted: the possible-dose mask on the predicted slices."""
     region = np.zeros(possible_dose.shape, bool)
     region[slices] = possible_dose[slices] > 0
     return region
 
 
-def target_region(masks: Mapping[str, Volume], cfg: ModelConfig) -> np.ndarray:
+def _target_region(masks: Mapping[str, Volume], cfg: ModelConfig) -> np.ndarray:
     """The union of the model's target volumes on the model grid."""
     shape = masks[POSSIBLE_DOSE].array.shape
     region = np.zeros(shape, bool)
@@ -388,6 +388,16 @@ def target_region(masks: Mapping[str, Volume], cfg: ModelConfig) -> np.ndarray:
         if name in masks:
             region |= masks[name].array > 0
     return region
+
+
+def samples_in_gy(x: np.ndarray, inputs: ModelInputs, cfg: ModelConfig, sampler: SamplerConfig,
+                  slices: np.ndarray) -> np.ndarray:
+    """Samples in network units (samples, z, y, x) on the model grid -> Gy at the given
+    prescription, zero outside the possible dose, with the sampler's z filter."""
+    pdm = inputs.masks[POSSIBLE_DOSE].array
+    gy = cfg.norm.gy(x) * pdm[None].astype(np.float32) / inputs.scale
+    return smooth_along_z(gy, _predicted_region(pdm, slices), _target_region(inputs.masks, cfg),
+                          sampler.z_smoothing_mm, inputs.ct.spacing[2])
 
 
 def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: int | None = None,
@@ -409,9 +419,7 @@ def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: in
     x = np.full((smp.samples,) + pdm.shape, -1.0, np.float32)
     x[:, slices] = sample_dose(model, cfg, stack, rows, smp, seed, device, batch_size, progress=progress)
     t2 = time.perf_counter()
-    gy = cfg.norm.gy(x) * pdm[None].astype(np.float32) / inputs.scale
-    gy = smooth_along_z(gy, predicted_region(pdm, slices), target_region(inputs.masks, cfg),
-                        smp.z_smoothing_mm, inputs.ct.spacing[2])
+    gy = samples_in_gy(x, inputs, cfg, smp, slices)
     mean = gy.mean(0)
     std = gy.std(0) if (with_std and smp.samples > 1) else None
     dose = _to_ct_grid(inputs, mean)

@@ -27,8 +27,7 @@ from DoseDiffLib.conditions import slice_stack
 from DoseDiffLib.config import POSSIBLE_DOSE
 from DoseDiffLib.metrics import dvh_metrics, slice_streak
 from DoseDiffLib.modelcard import load_model
-from DoseDiffLib.predict import (dose_rows, predicted_region, prepare_openkbp, resolve_sampler, sample_dose,
-                                 smooth_along_z, target_region)
+from DoseDiffLib.predict import dose_rows, prepare_openkbp, resolve_sampler, sample_dose, samples_in_gy
 
 
 def main() -> None:
@@ -53,9 +52,7 @@ def main() -> None:
         x = np.full((smp.samples,) + p.ct.array.shape, -1.0, np.float32)
         x[:, stack.slices[rows]] = sample_dose(model, cfg, stack, rows, smp, seed=0)
         pdm = inputs.masks[POSSIBLE_DOSE].array.astype(bool)
-        gy = cfg.norm.gy(x) * pdm[None]
-        gy = smooth_along_z(gy, predicted_region(pdm, stack.slices[rows]), target_region(inputs.masks, cfg),
-                            smp.z_smoothing_mm, inputs.ct.spacing[2])  # as dosediff predict does
+        gy = samples_in_gy(x, inputs, cfg, smp, stack.slices[rows])  # as dosediff predict does
         mean, sd = gy.mean(0), gy.std(0, ddof=1)
         ref = p.dose.array
         sel = pdm & (ref > 5.0)

@@ -706,10 +706,13 @@ def _train_settings(items: list[str]) -> "TrainConfig":
         if key not in known:
             raise DoseDiffError(f"Unknown training setting {key!r}.", f"Known: {', '.join(known)}.")
         overrides[key] = _setting(key, text.strip(), defaults[key])
+    from .registry import resolve
+
+    if overrides.get("stage1"):  # a refiner starts as its first stage unless told otherwise
+        overrides["stage1"] = str(resolve(overrides["stage1"]))
+        overrides.setdefault("init", overrides["stage1"])
     if overrides.get("init"):
         from .modelcard import read_card
-
-        from .registry import resolve
 
         overrides["init"] = str(resolve(overrides["init"]))  # a registered name or a card path
         card = read_card(overrides["init"])

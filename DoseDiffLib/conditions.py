@@ -32,6 +32,7 @@ class SliceStack:
     slices: np.ndarray   # (N,) indices into the case's Z axis
     ct: np.ndarray       # (N, H, W) normalised CT
     psdm: np.ndarray     # (N, R, H, W) PSDMs in STACK_ROIS order
+    stage1: np.ndarray | None = None  # (N, H, W) a first stage's dose, for a refiner (ModelConfig.stage1)
 
 
 def active_slices(possible_dose: np.ndarray) -> np.ndarray:
@@ -64,12 +65,13 @@ def neighbours(n: int, rows: np.ndarray, offsets: tuple[int, ...]) -> np.ndarray
     return np.clip(np.asarray(rows)[:, None] + np.asarray(offsets, int)[None, :], 0, n - 1)
 
 
-def gather(ct: np.ndarray, ps: np.ndarray, rows: np.ndarray,
-           cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gather(ct: np.ndarray, ps: np.ndarray, rows: np.ndarray, cfg: ModelConfig,
+           stage1: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw network material for some rows of a slice stack, as float32 tensors.
 
-    Returns the CT with its context slices (B, 1 + 2k, H, W), the slice's PSDMs
-    (B, R, H, W) and the targets' PSDMs on the context slices (B, 2k, T, H, W).
+    Returns the CT with its context slices (B, 1 + 2k, H, W), for a refiner followed by
+    the stage-1 dose of the same slices (B, 2 + 4k, H, W); the slice's PSDMs (B, R, H, W)
+    and the targets' PSDMs on the context slices (B, 2k, T, H, W).
     """
     c = cfg.conditions
     rows = np.asarray(rows)
@@ -77,6 +79,10 @@ def gather(ct: np.ndarray, ps: np.ndarray, rows: np.ndarray,
     t_idx = [STACK_ROIS.index(n) for n, _ in c.ptv_weights]
     f = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))  # noqa: E731
     ct_ctx = np.concatenate([ct[rows][:, None], ct[nb]], axis=1) if nb.size else ct[rows][:, None]
+    if c.stage1_dose:
+        if stage1 is None:
+            raise ValueError("this model refines a first stage's dose, and none was given")
+        ct_ctx = np.concatenate([ct_ctx, stage1[rows][:, None], stage1[nb]], axis=1)
     ps_ctx = ps[nb][:, :, t_idx] if nb.size else np.zeros((len(rows), 0, len(t_idx)) + ct.shape[1:], np.float32)
     return f(ct_ctx), f(ps[rows]), f(ps_ctx)
 

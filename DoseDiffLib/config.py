@@ -89,6 +89,10 @@ class ConditionConfig:
     # 0 degrees enters anteriorly), so a beam's entrance side differs from its exit side.
     # 6 MV loses about 4.5 % per cm beyond the build-up: 0.0045 per mm.
     beam_mu_per_mm: float = 0.0
+    # Predict-and-refine: the dose a first-stage model (ModelConfig.stage1) predicts for
+    # the slice and its context slices joins the CT encoder's inputs, in network units,
+    # -1 where no dose is possible. It carries the dose's 3-D shape the slices share.
+    stage1_dose: bool = False
 
     @property
     def n_channels(self) -> int:
@@ -112,7 +116,8 @@ class ConditionConfig:
                 + [f"beams attenuated:{t}" for t in (self.beam_targets if self.beam_mu_per_mm > 0 else ())])
 
     def ct_channel_names(self) -> list[str]:
-        return ["CT"] + [f"CT@{o:+d}" for o in self.context_offsets]
+        stage1 = ["stage-1 dose"] + [f"stage-1 dose@{o:+d}" for o in self.context_offsets] if self.stage1_dose else []
+        return ["CT"] + [f"CT@{o:+d}" for o in self.context_offsets] + stage1
 
 
 @dataclass(frozen=True)
@@ -194,6 +199,14 @@ class ModelConfig:
     norm: NormConfig = field(default_factory=NormConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     grid: GridConfig = field(default_factory=GridConfig)
+    # the first stage of a predict-and-refine pair, whose dose this model reads
+    stage1: ModelConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.conditions.stage1_dose != (self.stage1 is not None):
+            raise ValueError("a model reads a stage-1 dose exactly when it names its first stage")
+        if self.stage1 is not None and self.stage1.stage1 is not None:
+            raise ValueError("a first stage cannot itself be a refiner")
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
@@ -206,8 +219,17 @@ class ModelConfig:
         net = replace(self.net, cond_channels=cond.n_channels, ct_channels=len(cond.ct_channel_names()))
         return replace(self, net=net, conditions=cond)
 
+    def with_stage1(self, first: ModelConfig) -> ModelConfig:
+        """This model as the refiner of `first`: its CT encoder also reads first's dose."""
+        cond = replace(self.conditions, stage1_dose=True)
+        net = replace(self.net, ct_channels=len(cond.ct_channel_names()))
+        return replace(self, net=net, conditions=cond, stage1=first)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if self.stage1 is None:  # single-stage cards keep their original shape
+            del d["stage1"]
+        return d
 
     def weights_dict(self) -> dict:
         """The settings trained weights depend on: everything but the sampler's."""
@@ -232,4 +254,5 @@ class ModelConfig:
                    conditions=build(ConditionConfig, d.get("conditions", {})),
                    norm=build(NormConfig, d.get("norm", {})),
                    diffusion=build(DiffusionConfig, d.get("diffusion", {})),
-                   grid=build(GridConfig, d.get("grid", {})))
+                   grid=build(GridConfig, d.get("grid", {})),
+                   stage1=cls.from_dict(d["stage1"]) if d.get("stage1") else None)

@@ -225,5 +225,20 @@ class MMFNet(nn.Module):
         return self.out(h)
 
 
+class TwoStage(nn.Module):
+    """A predict-and-refine pair: `stage1`'s dose is an input of `net`, which gives the output.
+
+    Kept as one module so that one weights file and one checksum hold both networks and
+    neither can be paired with a stranger. Prediction runs `stage1` first (predict.sample_dose).
+    """
+
+    def __init__(self, stage1: MMFNet, net: MMFNet) -> None:
+        super().__init__()
+        self.stage1, self.net = stage1, net
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ct: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return self.net(x, t, ct, cond)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import DiffusionConfig, ModelConfig
 from .errors import DoseDiffError
-from .mmfnet import MMFNet, count_parameters
+from .mmfnet import MMFNet, TwoStage, count_parameters
 from .volume import atomic_write
 
 CARD_FORMAT = 1
@@ -63,7 +63,7 @@ def config_sha256(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def save_model(model: MMFNet, cfg: ModelConfig, card_path: str | os.PathLike,
+def save_model(model: MMFNet | TwoStage, cfg: ModelConfig, card_path: str | os.PathLike,
                info: dict[str, Any] | None = None, half: bool = True, overwrite: bool = False) -> Path:
     """Write <name>.safetensors and its card <name>.json."""
     card_path = Path(card_path)
@@ -140,7 +140,7 @@ def _check_config_checksum(card: dict[str, Any]) -> None:
             f"({', '.join(DiffusionConfig.SAMPLER_SETTINGS)}) may be changed.")
 
 
-def _card_config(card: dict[str, Any]) -> ModelConfig:
+def card_config(card: dict[str, Any]) -> ModelConfig:
     """The configuration, refused when it cannot describe a network."""
     try:
         cfg = ModelConfig.from_dict(card["config"])
@@ -148,21 +148,21 @@ def _card_config(card: dict[str, Any]) -> ModelConfig:
     except (TypeError, ValueError, AttributeError) as exc:
         raise DoseDiffError(f"Model card {card['_path']} holds an invalid configuration ({exc}).",
                             "Use the card shipped with the weights.") from None
-    if (cfg.net.cond_channels, cfg.net.ct_channels) != (cfg.conditions.n_channels,
-                                                        len(cfg.conditions.ct_channel_names())):
-        raise DoseDiffError(
-            f"Model card {card['_path']} is inconsistent: the network takes {cfg.net.ct_channels} CT and "
-            f"{cfg.net.cond_channels} condition channels but its input description has "
-            f"{len(cfg.conditions.ct_channel_names())} and {cfg.conditions.n_channels}.",
-            "The card was edited or written by another version; use the card shipped with the weights.")
+    for c in (cfg, cfg.stage1) if cfg.stage1 is not None else (cfg,):
+        if (c.net.cond_channels, c.net.ct_channels) != (c.conditions.n_channels, len(c.conditions.ct_channel_names())):
+            raise DoseDiffError(
+                f"Model card {card['_path']} is inconsistent: the network takes {c.net.ct_channels} CT and "
+                f"{c.net.cond_channels} condition channels but its input description has "
+                f"{len(c.conditions.ct_channel_names())} and {c.conditions.n_channels}.",
+                "The card was edited or written by another version; use the card shipped with the weights.")
     return cfg
 
 
 def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[MMFNet, ModelConfig, dict[str, Any]]:
-    """Build the network from its card and load verified weights."""
+               dtype: torch.dtype = torch.float32) -> tuple[MMFNet | TwoStage, ModelConfig, dict[str, Any]]:
+    """Build the network (a TwoStage pair for a refiner's card) and load verified weights."""
     card = read_card(card_path)
-    cfg = _card_config(card)
+    cfg = card_config(card)
     weights = Path(card["_path"]).parent / card["weights"]["file"]
     if not weights.is_file():
         raise DoseDiffError(f"Weights {weights} named by the card are missing.",
@@ -178,7 +178,7 @@ def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
         raise DoseDiffError(f"Weights {weights} are not a valid safetensors file ({type(exc).__name__}: "
                             f"{str(exc)[:120]}).", "Re-install the model (the .safetensors and its card).") from None
     try:
-        model = MMFNet(cfg.net)
+        model = MMFNet(cfg.net) if cfg.stage1 is None else TwoStage(MMFNet(cfg.stage1.net), MMFNet(cfg.net))
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as exc:
         raise DoseDiffError(f"Model card {card['_path']} describes a network that cannot be built ({exc}).",
                             "Use the card shipped with the weights.") from None

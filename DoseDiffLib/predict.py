@@ -15,13 +15,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .conditions import STACK_ROIS, SliceStack, assemble, gather, mirror_channels, slice_stack
+from .conditions import STACK_ROIS, SliceStack, assemble, gather, mirror_channels, neighbours, slice_stack
 from .config import (BODY_THRESHOLD_HU, HU_MIN_SPAN, HU_NORMALISED_LIMIT, HU_UNRESCALED_MAX, POSSIBLE_DOSE,
                      MAX_Z_SMOOTHING_MM, SAMPLERS, TARGET_SLAB_MARGIN_MM, TARGETS, ModelConfig,
                      SamplerConfig)
 from .diffusion import Diffusion
 from .errors import Cancelled, DoseDiffError, warn
-from .mmfnet import MMFNet
+from .mmfnet import MMFNet, TwoStage
 from .openkbp import OpenKBPPatient
 from .prescription import PrescriptionMap, map_prescriptions, model_structures, target_levels
 from .rois import BODY, match_rois, plausibility_warnings, unmatched_targets
@@ -265,19 +265,38 @@ def _network(model: MMFNet, device: torch.device, x, t, ct, cond) -> torch.Tenso
     return model(x, t, ct, cond)
 
 
-def sample_dose(model: MMFNet, cfg: ModelConfig, stack: SliceStack, rows: np.ndarray, sampler: SamplerConfig,
-                seed: int = 0, device: torch.device | str = "cpu", batch_size: int | None = None,
-                progress: Progress | None = None) -> np.ndarray:
+def stage1_dose(model: MMFNet, first: ModelConfig, stack: SliceStack, rows: np.ndarray, offsets: tuple[int, ...],
+                seed: int, device: torch.device | str, batch_size: int | None,
+                progress: Progress | None) -> np.ndarray:
+    """(N, H, W) a first stage's dose, by its own card's sampler, on the rows given and their
+    neighbours at `offsets`; -1 (0 Gy) elsewhere and wherever no dose is possible, as in training."""
+    need = np.unique(np.concatenate([rows, neighbours(len(stack.slices), rows, offsets).ravel()]))
+    _, smp = resolve_sampler(first)
+    report = None if progress is None else (lambda i, n, msg: progress(i, n, f"Stage 1: {msg}"))
+    out = np.full(stack.ct.shape, -1.0, np.float32)
+    out[need] = sample_dose(model, first, stack, need, smp, seed, device, batch_size, report).mean(0)
+    return np.where(stack.psdm[:, STACK_ROIS.index(POSSIBLE_DOSE)] > 0, out, -1.0).astype(np.float32)
+
+
+def sample_dose(model: MMFNet | TwoStage, cfg: ModelConfig, stack: SliceStack, rows: np.ndarray,
+                sampler: SamplerConfig, seed: int = 0, device: torch.device | str = "cpu",
+                batch_size: int | None = None, progress: Progress | None = None) -> np.ndarray:
     """DDIM samples for some rows of a slice stack, in network units, shape (samples, B, H, W).
 
     Each sample's noise is drawn for the whole volume at once from seed + sample index,
     so a slice's result depends neither on the batch size nor on which other slices run.
     `sampler.flip` averages each sample with the sample of the left-right mirrored
-    patient (the parotid channels swapped with it), run from the mirrored noise.
+    patient (the parotid channels swapped with it), run from the mirrored noise. A
+    refiner's stack gets its first stage's dose first, unless it already has one (training).
     """
+    rows = np.asarray(rows, np.int64)
+    if cfg.stage1 is not None and stack.stage1 is None:
+        if not isinstance(model, TwoStage):
+            raise ValueError("a refiner needs its first stage (a TwoStage model) or a stack with its dose")
+        stack = replace(stack, stage1=stage1_dose(model.stage1, cfg.stage1, stack, rows, cfg.conditions.context_offsets,
+                                                  seed, device, batch_size, progress))
     device = torch.device(device)
     diffusion = Diffusion(cfg.diffusion)
-    rows = np.asarray(rows, np.int64)
     n, h, w = stack.ct.shape
     batch = batch_size or batch_size_for(cfg.net, device)
     out = np.full((sampler.samples, len(rows), h, w), -1.0, np.float32)
@@ -299,7 +318,7 @@ def sample_dose(model: MMFNet, cfg: ModelConfig, stack: SliceStack, rows: np.nda
             g = torch.Generator().manual_seed(int(seed) + s)
             noise = torch.randn((z_noise, 1, h, w), generator=g)[torch.from_numpy(stack.slices[rows])]
             for b0 in range(0, len(rows), batch):
-                ct_t, cond_t = assemble(*gather(stack.ct, stack.psdm, rows[b0:b0 + batch], cfg), cfg)
+                ct_t, cond_t = assemble(*gather(stack.ct, stack.psdm, rows[b0:b0 + batch], cfg, stack.stage1), cfg)
                 acc = None
                 for view in range(views):
                     c, k, x_T = ct_t, cond_t, noise[b0:b0 + batch]

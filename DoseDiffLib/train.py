@@ -30,10 +30,10 @@ from .errors import DoseDiffError
 from .losses import sorted_dose_l1
 from .evaluate import evaluate_patient
 from .metrics import dvh_score
-from .mmfnet import MMFNet
+from .mmfnet import MMFNet, TwoStage
 from .modelcard import read_card, save_model
 from .plots import save_figure
-from .predict import dose_rows, resolve_sampler, sample_dose
+from .predict import dose_rows, resolve_sampler, sample_dose, stage1_dose
 from .prepare import CACHE_ROIS, describe_cache
 
 
@@ -93,12 +93,18 @@ class TrainConfig:
     last_step_fraction: float = 0.0    # slices trained at t = T-1, the one-step sampler's only step
     dvh_weight: float = 0.0        # weight of the per-ROI sorted-dose L1 on the x0 estimate
     max_seconds: float = 0.0       # stop (validated, checkpointed) after this much training time; 0 = no limit
+    stage1: str = ""               # model card: train a refiner that reads its dose (predict-and-refine)
 
     @classmethod
     def from_settings(cls, **settings: object) -> "TrainConfig":
         """A run from flat settings: --set values, or a recipe a card or checkpoint kept."""
         shorthands = {k: settings.pop(k) for k in list(settings) if k in MODEL_SETTINGS}
-        return cls(model=model_from_settings(**shorthands), **settings)
+        model = model_from_settings(**shorthands)
+        if settings.get("stage1"):
+            from .modelcard import card_config
+
+            model = model.with_stage1(card_config(read_card(settings["stage1"])))
+        return cls(model=model, **settings)
 
     def recipe(self) -> dict[str, object]:
         """The flat settings (model shorthands first), as cards and checkpoints keep them."""
@@ -107,9 +113,9 @@ class TrainConfig:
 
 
 class SliceCache:
-    """Memory-mapped slices of one split of the cache."""
+    """Memory-mapped slices of one split of the cache (and a first stage's dose on them, for a refiner)."""
 
-    def __init__(self, cache: Path, split: str) -> None:
+    def __init__(self, cache: Path, split: str, stage1: Path | None = None) -> None:
         index = json.loads((cache / "index.json").read_text())
         if index["rois"] != list(CACHE_ROIS):
             raise ValueError("cache ROI list differs from this version")
@@ -117,17 +123,18 @@ class SliceCache:
         self.arrays = [{k: np.load(cache / f"{e['pid']}_{k}.npy", mmap_mode="r") for k in ("ct", "psdm", "dose")}
                        for e in self.entries]
         self.items = np.array([(p, s) for p, e in enumerate(self.entries) for s in range(len(e["slices"]))])
+        self.stage1 = [np.load(stage1 / f"{e['pid']}.npy", mmap_mode="r") if stage1 else None for e in self.entries]
 
     def __len__(self) -> int:
         return len(self.items)
 
     def stack(self, p: int) -> SliceStack:
         a, e = self.arrays[p], self.entries[p]
-        return SliceStack(np.asarray(e["slices"]), a["ct"], a["psdm"])
+        return SliceStack(np.asarray(e["slices"]), a["ct"], a["psdm"], self.stage1[p])
 
     def batch(self, idx: np.ndarray, cfg: ModelConfig) -> tuple[torch.Tensor, ...]:
         """(ct with context, PSDMs, target PSDMs on context slices, dose) for these items."""
-        parts = [gather(self.arrays[p]["ct"], self.arrays[p]["psdm"], np.array([s]), cfg)
+        parts = [gather(self.arrays[p]["ct"], self.arrays[p]["psdm"], np.array([s]), cfg, self.stage1[p])
                  + (torch.from_numpy(np.asarray(self.arrays[p]["dose"][s:s + 1], np.float32))[:, None],)
                  for p, s in self.items[idx]]
         return tuple(torch.cat(x) for x in zip(*parts))
@@ -185,7 +192,28 @@ def portable_recipe(tcfg: TrainConfig) -> dict:
 
         card = read_card(tcfg.init)
         recipe["init"] = {"name": card.get("name", Path(tcfg.init).stem), "weights_sha256": card["weights"]["sha256"]}
+    if tcfg.stage1:
+        card = read_card(tcfg.stage1)
+        recipe["stage1"] = {"name": card.get("name", Path(tcfg.stage1).stem),
+                            "weights_sha256": card["weights"]["sha256"]}
     return recipe
+
+
+def stage1_cache(cache: Path, folder: Path, model: MMFNet, cfg: ModelConfig, device: torch.device) -> Path:
+    """A first stage's dose on every cached slice (network units, fp16), computed once per run:
+    a refiner trains on what prediction will give it. Finished patients are kept on resume."""
+    from tqdm import tqdm
+
+    folder.mkdir(exist_ok=True)
+    todo = [(data, p) for data in (SliceCache(cache, "train"), SliceCache(cache, "validation"))
+            for p, e in enumerate(data.entries) if not (folder / f"{e['pid']}.npy").exists()]
+    for data, p in tqdm(todo, desc="Stage-1 dose", unit="patient", disable=not todo):
+        stack, pid = data.stack(p), data.entries[p]["pid"]
+        dose = stage1_dose(model, cfg, stack, np.arange(len(stack.slices)), (), 0, device, None, None)
+        tmp = folder / f"{pid}.{os.getpid()}.tmp.npy"   # processes of one run may race to the same patient
+        np.save(tmp, dose.astype(np.float16))
+        os.replace(tmp, folder / f"{pid}.npy")
+    return folder
 
 
 INPUT_CONVS = ("enc_ct.0.0", "enc_cond.0.0")  # the first convolution of the CT and condition encoders
@@ -201,9 +229,14 @@ def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> No
     from .modelcard import load_model
 
     trained, cfg, _ = load_model(card, "cpu")
+    if isinstance(trained, TwoStage):  # continue a refiner: only its second network trains
+        if cfg.stage1 != mcfg.stage1:
+            raise ValueError(f"{card} refines another first stage than this run's")
+        trained = trained.net
     old, new = cfg.weights_dict(), mcfg.weights_dict()
     for d in (old, new):
         d.pop("conditions")
+        d.pop("stage1", None)
         d["net"].pop("ct_channels")
         d["net"].pop("cond_channels")
     oc, nc = cfg.conditions, mcfg.conditions
@@ -331,9 +364,18 @@ class TrainLoop:
         if self.ckpt.exists():
             self.resume()
         self.net = distributed.wrap(self.model, device)
-        self.data = SliceCache(cache, "train")
+        self.stage1, doses = None, None
+        if self.mcfg.stage1 is not None:
+            from .modelcard import load_model
+
+            self.stage1, first, _ = load_model(tcfg.stage1, device)
+            if first != self.mcfg.stage1:
+                raise DoseDiffError(f"The stage-1 card {tcfg.stage1} changed since this run began.",
+                                    "Give the card the run started with, or start a new run folder.")
+            doses = stage1_cache(cache, run_dir / "stage1", self.stage1, first, device)
+        self.data = SliceCache(cache, "train", doses)
         self.training_data = _training_data(cache, tcfg.init)
-        self.val = SliceCache(cache, "validation") if self.rank == 0 and tcfg.val_every else None
+        self.val = SliceCache(cache, "validation", doses) if self.rank == 0 and tcfg.val_every else None
         self.diffusion = Diffusion(self.mcfg.diffusion)
         self.run_dir, self.log_path, self.best_card = run_dir, run_dir / "log.jsonl", run_dir / "best.json"
         self.t_start = time.time() - self.state["seconds"]
@@ -415,7 +457,8 @@ class TrainLoop:
                                  "selection": f"EMA weights, best dose score on {v['patients']} validation patients",
                                  "learning_curve": curve},
                     "validation_subset": v}
-            save_model(self.ema, self.mcfg, self.best_card, info, half=True, overwrite=True)
+            model = self.ema if self.stage1 is None else TwoStage(self.stage1, self.ema)
+            save_model(model, self.mcfg, self.best_card, info, half=True, overwrite=True)
         plot_curves(self.log_path, self.run_dir / "curves.png")
 
     def save_checkpoint(self) -> None:

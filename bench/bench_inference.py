@@ -141,12 +141,16 @@ def main() -> None:
         cfg = ModelConfig.preset("paper")
         runs.append(("paper", MMFNet(cfg.net).eval(), cfg))
     for name, model, cfg in runs:
-        flops = flops_per_slice_step(model)
-        model.to(device)
         batch = batch_size_for(cfg.net, device)
-        rate = network_rate(model, device, batch)
-        print(f"\n[{name}] {flops / 1e9:.2f} GFLOP per slice-step; batch {batch}: {rate:.1f} slice-steps/s, "
-              f"{rate * flops / 1e9:.0f} GFLOP/s = {100 * rate * flops / peak:.0f} % of the matmul peak")
+        nets = [(name, model)] if isinstance(model, MMFNet) else [(f"{name}: stage 1", model.stage1),
+                                                                  (f"{name}: refiner", model.net)]
+        for label, net in nets:  # a predict-and-refine pair runs both networks on every slice
+            flops = flops_per_slice_step(net)
+            net.to(device)
+            rate = network_rate(net, device, batch)
+            print(f"\n[{label}] {flops / 1e9:.2f} GFLOP per slice-step; batch {batch}: {rate:.1f} slice-steps/s, "
+                  f"{rate * flops / 1e9:.0f} GFLOP/s = {100 * rate * flops / peak:.0f} % of the matmul peak")
+        model.to(device)
         for label, argv in SAMPLERS.items():
             for n in args.slices:
                 total, info = time_volume(model, cfg, device, n, sampler_kwargs(argv))

@@ -103,7 +103,12 @@ class TrainConfig:
         if settings.get("stage1"):
             from .modelcard import card_config
 
-            model = model.with_stage1(card_config(read_card(settings["stage1"])))
+            first = card_config(read_card(settings["stage1"]))
+            if first.stage1 is not None or (first.norm, first.grid) != (model.norm, model.grid):
+                raise DoseDiffError(f"{settings['stage1']} cannot be a first stage: it is itself a refiner, or it "
+                                    "scales dose or places its grid otherwise than this run's model.",
+                                    "Give a single model's card with the same dose scale and grid.")
+            model = model.with_stage1(first)
         return cls(model=model, **settings)
 
     def recipe(self) -> dict[str, object]:

@@ -145,3 +145,6 @@ def test_a_refiner_trains_on_its_first_stages_dose_and_exports_both(tmp_path):
         assert torch.equal(pair.stage1.state_dict()[k], v.half().float()), k
     recipe = card["training"]["recipe"]
     assert recipe["stage1"]["name"] == "first" and str(tmp_path) not in best.read_text()
+    # a refiner is no first stage: refused by name before any work
+    with pytest.raises(DoseDiffError, match="cannot be a first stage"):
+        TrainConfig.from_settings(**{**settings, "stage1": str(best)})

@@ -419,7 +419,7 @@ def samples_in_gy(x: np.ndarray, inputs: ModelInputs, cfg: ModelConfig, sampler:
                           sampler.z_smoothing_mm, inputs.ct.spacing[2])
 
 
-def predict_case(inputs: ModelInputs, model: MMFNet, cfg: ModelConfig, steps: int | None = None,
+def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage, cfg: ModelConfig, steps: int | None = None,
                  samples: int | None = None, seed: int | None = None, device: torch.device | str = "cpu",
                  batch_size: int | None = None, with_std: bool = False, progress: Progress | None = None,
                  sampler: str | None = None, flip: bool | None = None,

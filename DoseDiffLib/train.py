@@ -189,18 +189,13 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
 
 
 def portable_recipe(tcfg: TrainConfig) -> dict:
-    """The recipe as a card keeps it: the warm start named by its card's name and weights'
-    checksum, not by a path of the machine that trained it."""
+    """The recipe as a card keeps it: the warm start and the first stage named by their card's
+    name and weights' checksum, not by a path of the machine that trained it."""
     recipe = tcfg.recipe()
-    if tcfg.init:
-        from .modelcard import read_card
-
-        card = read_card(tcfg.init)
-        recipe["init"] = {"name": card.get("name", Path(tcfg.init).stem), "weights_sha256": card["weights"]["sha256"]}
-    if tcfg.stage1:
-        card = read_card(tcfg.stage1)
-        recipe["stage1"] = {"name": card.get("name", Path(tcfg.stage1).stem),
-                            "weights_sha256": card["weights"]["sha256"]}
+    for key in ("init", "stage1"):
+        if recipe[key]:
+            card = read_card(recipe[key])
+            recipe[key] = {"name": card.get("name", Path(recipe[key]).stem), "weights_sha256": card["weights"]["sha256"]}
     return recipe
 
 

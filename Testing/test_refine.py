@@ -17,22 +17,12 @@ from DoseDiffLib.phantom import head_and_neck
 from DoseDiffLib.predict import predict_case, prepare_case, stage1_dose
 from DoseDiffLib.train import INPUT_CONVS, TrainConfig, train
 
-from test_train import make_cache
+from test_train import make_cache, saved_random_model
 
 _test = ModelConfig.preset("test")
 FIRST = replace(_test.with_conditions(ConditionConfig(context=1)),
                 diffusion=replace(_test.diffusion, prediction="x0", sampler="regression"))
 REFINER = FIRST.with_stage1(FIRST)
-
-
-def random_net(cfg: ModelConfig, seed: int) -> MMFNet:
-    """Every parameter drawn at random, so the output depends on every input."""
-    torch.manual_seed(seed)
-    net = MMFNet(cfg.net).eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            torch.nn.init.normal_(p, std=0.05)
-    return net
 
 
 def grown(first: MMFNet) -> MMFNet:
@@ -75,7 +65,7 @@ def test_a_refiner_names_its_first_stage_and_only_then_reads_its_dose():
 
 def test_a_refiner_that_ignores_its_stage1_input_reproduces_the_first_stage(tmp_path):
     ct, masks = head_and_neck(shape=(12, 32, 32), spacing=(4.0, 4.0, 3.0))
-    first = random_net(FIRST, 1)
+    first = saved_random_model(FIRST, tmp_path / "first.json", 1)
     alone = predict_case(prepare_case(ct, masks, FIRST), first, FIRST, seed=0).dose.array
     pair = TwoStage(first, grown(first)).eval()
     both = predict_case(prepare_case(ct, masks, REFINER), pair, REFINER, seed=0).dose.array
@@ -85,7 +75,7 @@ def test_a_refiner_that_ignores_its_stage1_input_reproduces_the_first_stage(tmp_
         pair.net.enc_ct[0][0].weight[:, 3:].normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     refined = predict_case(prepare_case(ct, masks, REFINER), pair, REFINER, seed=0).dose.array
     assert np.abs(refined - alone).max() > 0.05
-    other = TwoStage(random_net(FIRST, 3), pair.net).eval()
+    other = TwoStage(saved_random_model(FIRST, tmp_path / "other.json", 3), pair.net).eval()
     assert np.abs(predict_case(prepare_case(ct, masks, REFINER), other, REFINER, seed=0).dose.array
                   - refined).max() > 0.05
     # one card, one weights file, one checksum for both networks
@@ -98,7 +88,9 @@ def test_a_refiner_that_ignores_its_stage1_input_reproduces_the_first_stage(tmp_
 
 
 def test_a_card_whose_first_stage_was_edited_is_refused(tmp_path):
-    save_model(TwoStage(random_net(FIRST, 1), random_net(REFINER, 2)), REFINER, tmp_path / "pair.json")
+    pair = TwoStage(saved_random_model(FIRST, tmp_path / "first.json", 1),
+                    saved_random_model(REFINER, tmp_path / "refiner.json", 2))
+    save_model(pair, REFINER, tmp_path / "pair.json")
     card = json.loads((tmp_path / "pair.json").read_text())
     card["config"]["stage1"]["diffusion"]["flip"] = True   # stage 1's sampler is part of the refiner's input
     (tmp_path / "pair.json").write_text(json.dumps(card))
@@ -106,22 +98,21 @@ def test_a_card_whose_first_stage_was_edited_is_refused(tmp_path):
         load_model(tmp_path / "pair.json")
 
 
-def test_the_stage1_dose_is_minus_one_where_no_dose_is_possible_and_beyond_the_rows_read():
+def test_the_stage1_dose_is_minus_one_where_no_dose_is_possible_and_beyond_the_rows_read(tmp_path):
     n = 6
     rng = np.random.default_rng(0)
     ps = rng.normal(0, 0.1, (n, len(STACK_ROIS), 32, 32)).astype(np.float32)
     ps[:, STACK_ROIS.index(POSSIBLE_DOSE)] = 0.5
     ps[:, STACK_ROIS.index(POSSIBLE_DOSE), :4] = -0.5
     stack = SliceStack(np.arange(n), rng.uniform(-1, 1, (n, 32, 32)).astype(np.float32), ps)
-    dose = stage1_dose(random_net(FIRST, 1), FIRST, stack, np.array([2]), (-1, 1), 0, "cpu", None, None)
+    dose = stage1_dose(saved_random_model(FIRST, tmp_path / "first.json", 1), FIRST, stack, np.array([2]), (-1, 1), 0, "cpu", None, None)
     assert (dose[[0, 4, 5]] == -1).all() and (dose[:, :4] == -1).all()
     assert (dose[1:4, 4:] != -1).all()
 
 
 def test_a_refiner_trains_on_its_first_stages_dose_and_exports_both(tmp_path):
     cache = make_cache(tmp_path)
-    first = random_net(FIRST, 1)
-    save_model(first, FIRST, tmp_path / "first.json", half=False)
+    first = saved_random_model(FIRST, tmp_path / "first.json", 1)
     settings = dict(preset="test", prediction="x0", sampler="regression", context=1, steps=2, batch_size=2,
                     val_every=2, val_patients=1, threads=1, lr=0.0, weight_decay=0.0,
                     stage1=str(tmp_path / "first.json"), init=str(tmp_path / "first.json"))

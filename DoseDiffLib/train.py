@@ -94,6 +94,7 @@ class TrainConfig:
     dvh_weight: float = 0.0        # weight of the per-ROI sorted-dose L1 on the x0 estimate
     max_seconds: float = 0.0       # stop (validated, checkpointed) after this much training time; 0 = no limit
     stage1: str = ""               # model card: train a refiner that reads its dose (predict-and-refine)
+    stage1_jitter: float = 0.0     # refiner: mean SD of the smooth log-scale field its stage-1 dose is multiplied by
 
     @classmethod
     def from_settings(cls, **settings: object) -> "TrainConfig":
@@ -109,6 +110,9 @@ class TrainConfig:
                                     "scales dose or places its grid otherwise than this run's model.",
                                     "Give a single model's card with the same dose scale and grid.")
             model = model.with_stage1(first)
+        elif settings.get("stage1_jitter"):
+            raise DoseDiffError("stage1_jitter perturbs a first stage's dose, and this run has no first stage.",
+                                "Add --set stage1=CARD, or drop stage1_jitter.")
         return cls(model=model, **settings)
 
     def recipe(self) -> dict[str, object]:
@@ -186,6 +190,25 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
     beams = torch.einsum("bij,baj->bai", inv, beams.to(inv.device))
     beams = beams / beams.norm(dim=-1, keepdim=True)
     return ct, ps, dose, ps_ctx, beams
+
+
+def jitter_stage1(ct: torch.Tensor, first: int, amount: float, g: torch.Generator) -> torch.Tensor:
+    """Multiply the stage-1 dose channels (from `first` on) by a smooth random field per slice.
+
+    A refiner trains on its first stage's doses of the training patients, which fit better
+    than that stage's doses of unseen patients will; scaled by exp(field), a field drawn
+    on a 4 x 4 grid (SD uniform in [0, 2 amount] per slice) and spread bicubically over the
+    slice, the dose looks wrong the way an unseen patient's does (smoothly, by some per cent),
+    and the refiner learns to check it against the CT and the structures. Every context
+    slice of a sample gets the same field; 0 Gy stays 0 Gy.
+    """
+    if amount <= 0:
+        return ct
+    b, _, h, w = ct.shape
+    sd = torch.rand(b, 1, 1, 1, generator=g) * 2 * amount
+    field = F.interpolate(torch.randn(b, 1, 4, 4, generator=g) * sd, size=(h, w), mode="bicubic",
+                          align_corners=False).to(ct.device, ct.dtype)
+    return torch.cat([ct[:, :first], (ct[:, first:] + 1) * torch.exp(field) - 1], 1)
 
 
 def portable_recipe(tcfg: TrainConfig) -> dict:
@@ -402,6 +425,8 @@ class TrainLoop:
         # augmentation and channels on the training device: on a GPU the CPU only gathers slices
         ct, ps, ps_ctx, dose = (x.to(device, non_blocking=True) for x in self.data.batch(idx, mcfg))
         ct, ps, dose, ps_ctx, beams = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(idx)))
+        if mcfg.stage1 is not None:
+            ct = jitter_stage1(ct, 1 + len(mcfg.conditions.context_offsets), tcfg.stage1_jitter, g)
         ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams)
         ct = ct.contiguous(memory_format=torch.channels_last)
         cond = cond.contiguous(memory_format=torch.channels_last)

@@ -139,3 +139,29 @@ def test_a_refiner_trains_on_its_first_stages_dose_and_exports_both(tmp_path):
     # a refiner is no first stage: refused by name before any work
     with pytest.raises(DoseDiffError, match="cannot be a first stage"):
         TrainConfig.from_settings(**{**settings, "stage1": str(best)})
+
+
+def test_stage1_jitter_scales_only_the_stage1_dose_smoothly_and_keeps_zero_dose():
+    from DoseDiffLib.train import jitter_stage1
+
+    g = torch.Generator().manual_seed(0)
+    b, first, h, w = 64, 3, 64, 64
+    ct = torch.rand(b, 2 * first, h, w) * 1.5 - 0.5         # 12.5 % to 50 % of the dose scale
+    ct[:, first:, :8] = -1                                  # 0 Gy rows
+    assert jitter_stage1(ct, first, 0.0, g) is ct
+    out = jitter_stage1(ct, first, 0.1, g)
+    assert torch.equal(out[:, :first], ct[:, :first])       # the CT channels are untouched
+    assert (out[:, first:, :8] == -1).all()
+    ratio = ((out[:, first:, 8:] + 1) / (ct[:, first:, 8:] + 1)).log()
+    # one field per slice, shared by its context slices
+    assert torch.allclose(ratio[:, 0], ratio[:, 1], atol=1e-4) and torch.allclose(ratio[:, 0], ratio[:, 2], atol=1e-4)
+    # its SD is uniform in [0, 0.2] per slice (mean 0.1 on the 4 x 4 grid, a little less once spread)
+    sd = ratio[:, 0].flatten(1).std(1)
+    assert 0.04 < sd.mean() < 0.12 and sd.max() < 0.35
+    # smooth: neighbouring pixels differ far less than the field varies across the slice
+    assert (ratio[:, 0, :, 1:] - ratio[:, 0, :, :-1]).abs().mean() < 0.1 * sd.mean()
+
+
+def test_stage1_jitter_without_a_first_stage_is_refused():
+    with pytest.raises(DoseDiffError, match="no first stage"):
+        TrainConfig.from_settings(preset="test", stage1_jitter=0.1)

@@ -178,9 +178,10 @@ class DiffusionConfig:
     sampler: str = "ddim"         # the named sampler this model is validated with, its default
     flip: bool = False            # validated with the mirrored patient averaged in, whatever the sampler
     z_smoothing_mm: float = 0.0   # the slice-noise filter this model is validated with (0: none)
+    stage1_weight: float = 0.0    # a refiner's output: this share of its first stage's dose averaged in
 
-    # how a trained network is sampled, not what its weights mean: free to differ on a warm start
-    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler", "flip", "z_smoothing_mm")
+    # how a trained network is read out, not what its weights mean: free to differ on a warm start
+    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler", "flip", "z_smoothing_mm", "stage1_weight")
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,8 @@ class ModelConfig:
             raise ValueError("a model reads a stage-1 dose exactly when it names its first stage")
         if self.stage1 is not None and self.stage1.stage1 is not None:
             raise ValueError("a first stage cannot itself be a refiner")
+        if not 0.0 <= self.diffusion.stage1_weight <= (1.0 if self.stage1 is not None else 0.0):
+            raise ValueError("stage1_weight is a share in [0, 1], and only a refiner has a first stage to weigh")
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":

@@ -287,7 +287,8 @@ def sample_dose(model: MMFNet | TwoStage, cfg: ModelConfig, stack: SliceStack, r
     so a slice's result depends neither on the batch size nor on which other slices run.
     `sampler.flip` averages each sample with the sample of the left-right mirrored
     patient (the parotid channels swapped with it), run from the mirrored noise. A
-    refiner's stack gets its first stage's dose first, unless it already has one (training).
+    refiner's stack gets its first stage's dose first, unless it already has one (training),
+    and its output has the card's share (stage1_weight) of that dose averaged in.
     """
     rows = np.asarray(rows, np.int64)
     if cfg.stage1 is not None and stack.stage1 is None:
@@ -333,6 +334,9 @@ def sample_dose(model: MMFNet | TwoStage, cfg: ModelConfig, stack: SliceStack, r
                     x = x.flip(-1) if view else x
                     acc = x if acc is None else acc + x
                 out[s, b0:b0 + batch] = (acc / views).numpy()
+    w = cfg.diffusion.stage1_weight
+    if w:  # two predictors whose errors differ: their average is closer than either (README, refine)
+        out = (1 - w) * out + w * stack.stage1[rows][None]
     return out
 
 
@@ -445,6 +449,7 @@ def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage, cfg: ModelConfig
     std_v = _to_ct_grid(inputs, std) if std is not None else None
     info = {"seed": seed, "sampler": name, "steps": smp.steps, "samples": smp.samples, "flip": smp.flip,
             "z_smoothing_mm": smp.z_smoothing_mm, "timestep_spacing": smp.spacing,
+            "stage1_weight": cfg.diffusion.stage1_weight,
             "slices_predicted": int(len(slices)),
             "device": str(device), "seconds_conditions": round(t1 - t0, 3),
             "seconds_sampling": round(t2 - t1, 3), "matched_rois": inputs.matched,

@@ -165,3 +165,27 @@ def test_stage1_jitter_scales_only_the_stage1_dose_smoothly_and_keeps_zero_dose(
 def test_stage1_jitter_without_a_first_stage_is_refused():
     with pytest.raises(DoseDiffError, match="no first stage"):
         TrainConfig.from_settings(preset="test", stage1_jitter=0.1)
+
+
+def test_a_refiner_averages_in_its_cards_share_of_the_first_stages_dose(tmp_path):
+    ct, masks = head_and_neck(shape=(12, 32, 32), spacing=(4.0, 4.0, 3.0))
+    first = saved_random_model(FIRST, tmp_path / "first.json", 1)
+    pair = TwoStage(first, saved_random_model(REFINER, tmp_path / "refiner.json", 2)).eval()
+    alone = predict_case(prepare_case(ct, masks, FIRST), first, FIRST, seed=0).dose.array
+    refined = predict_case(prepare_case(ct, masks, REFINER), pair, REFINER, seed=0).dose.array
+    assert np.abs(refined - alone).max() > 0.5
+    blend = replace(REFINER, diffusion=replace(REFINER.diffusion, stage1_weight=0.25))
+    pred = predict_case(prepare_case(ct, masks, blend), pair, blend, seed=0)
+    np.testing.assert_allclose(pred.dose.array, 0.75 * refined + 0.25 * alone, atol=1e-3)
+    assert pred.info["stage1_weight"] == 0.25
+    # a read-out setting, as flip is: a card may change it without invalidating its weights
+    save_model(pair, REFINER, tmp_path / "pair.json")
+    card = json.loads((tmp_path / "pair.json").read_text())
+    card["config"]["diffusion"]["stage1_weight"] = 0.25
+    (tmp_path / "pair.json").write_text(json.dumps(card))
+    assert load_model(tmp_path / "pair.json")[1] == blend
+    # a share, and only a refiner has a first stage to weigh
+    with pytest.raises(ValueError, match="only a refiner"):
+        replace(REFINER, diffusion=replace(REFINER.diffusion, stage1_weight=1.5))
+    with pytest.raises(ValueError, match="only a refiner"):
+        replace(FIRST, diffusion=replace(FIRST.diffusion, stage1_weight=0.5))

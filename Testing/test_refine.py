@@ -184,6 +184,10 @@ def test_a_refiner_averages_in_its_cards_share_of_the_first_stages_dose(tmp_path
     card["config"]["diffusion"]["stage1_weight"] = 0.25
     (tmp_path / "pair.json").write_text(json.dumps(card))
     assert load_model(tmp_path / "pair.json")[1] == blend
+    card["config"]["diffusion"]["stage1_weight"] = 2.0      # edited out of range: refused with one line
+    (tmp_path / "pair.json").write_text(json.dumps(card))
+    with pytest.raises(DoseDiffError, match="invalid configuration.*share in"):
+        load_model(tmp_path / "pair.json")
     # a share, and only a refiner has a first stage to weigh
     with pytest.raises(ValueError, match="only a refiner"):
         replace(REFINER, diffusion=replace(REFINER.diffusion, stage1_weight=1.5))

@@ -653,7 +653,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 # if whole, not negative. (lo, hi, lo_open, hi_open) for numbers; a tuple of names for words.
 _TRAIN_LIMITS: dict[str, tuple] = {
     "steps": (1, None), "batch_size": (1, None), "val_patients": (1, None), "checkpoint_every": (1, None),
-    "context": (0, 8), "beam_mu": (0, 0.1), "dvh_weight": (0, None), "max_seconds": (0, None), "lr": (0, None, True),
+    "context": (0, 8), "beam_mu": (0, 0.1), "middle_blocks": (0, 16), "dvh_weight": (0, None), "max_seconds": (0, None), "lr": (0, None, True),
     "weight_decay": (0, None), "decay_at": (0, 1),
     "grad_clip": (0, None, True), "ema_decay": (0, 1, False, True), "aug_p": (0, 1), "zoom": (0, 1, False, True),
     "shift": (0, 1), "max_rotation_deg": (0, 180), "outside_weight": (0, None), "last_step_fraction": (0, 1),
@@ -723,8 +723,8 @@ def _train_settings(items: list[str]) -> "TrainConfig":
 
 # What a warm start keeps from its model's recipe unless set: the network and its inputs, and
 # the objective and sampler it was trained and validated with (fine-tuning continues them).
-INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "loss", "outside_weight",
-             "last_step_fraction", "dvh_weight")
+INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "middle_blocks", "loss",
+             "outside_weight", "last_step_fraction", "dvh_weight")
 
 
 def _inherited_settings(card: dict, known: list[str]) -> dict:
@@ -732,12 +732,13 @@ def _inherited_settings(card: dict, known: list[str]) -> dict:
     recipe = (card.get("training") or {}).get("recipe") or {}
     out = {k: recipe[k] for k in INHERITED if k in recipe and k in known}
     cfg = card.get("config") or {}
-    diffusion, conditions = cfg.get("diffusion") or {}, cfg.get("conditions") or {}
+    net, diffusion, conditions = cfg.get("net") or {}, cfg.get("diffusion") or {}, cfg.get("conditions") or {}
     out.setdefault("prediction", diffusion.get("prediction", "epsilon"))
     out.setdefault("sampler", diffusion.get("sampler", "ddim"))
     out.setdefault("context", int(conditions.get("context", 0)))
     out.setdefault("beams", bool(conditions.get("beam_targets")))
     out.setdefault("beam_mu", float(conditions.get("beam_mu_per_mm", 0.0)))
+    out.setdefault("middle_blocks", int(net.get("middle_blocks", 0)))
     return {k: v for k, v in out.items() if k in known}
 
 

@@ -189,7 +189,8 @@ class MMFNet(nn.Module):
         self.fusion = FusionFormer(cfg)
         ch = widths[-1]
         self.middle = Stage([ResBlock(ch, ch, emb_dim, cfg.dropout), SelfAttention(ch, cfg.num_heads),
-                             ResBlock(ch, ch, emb_dim, cfg.dropout)])
+                             ResBlock(ch, ch, emb_dim, cfg.dropout)]
+                            + [ResBlock(ch, ch, emb_dim, cfg.dropout) for _ in range(cfg.middle_blocks)])
         self.decoder = nn.ModuleList()
         skips = list(widths)
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):

@@ -40,14 +40,16 @@ from .prepare import CACHE_ROIS, describe_cache
 # The model settings a run may name (--set preset=small, context=2, ...): shorthands for
 # the ModelConfig it trains, also the flat keys of every recipe a card or checkpoint keeps.
 MODEL_SETTINGS: dict[str, object] = {"preset": "tiny", "prediction": "epsilon", "sampler": "ddim", "context": 0,
-                                     "beams": False, "beam_mu": 0.0}
+                                     "beams": False, "beam_mu": 0.0, "middle_blocks": 0}
 
 
 def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampler: str = "ddim",
-                        context: int = 0, beams: bool = False, beam_mu: float = 0.0) -> ModelConfig:
+                        context: int = 0, beams: bool = False, beam_mu: float = 0.0,
+                        middle_blocks: int = 0) -> ModelConfig:
     """The one place the shorthands become a model configuration (every other setting of it,
     such as an added condition channel, is given as a ModelConfig)."""
     base = ModelConfig.preset(preset)
+    base = replace(base, net=replace(base.net, middle_blocks=int(middle_blocks)))
     targets = tuple(n for n, _ in base.conditions.ptv_weights) if beams else ()
     if beam_mu and not beams:
         raise DoseDiffError(f"beam_mu={beam_mu} fades the beam-line channels, but there are none.",
@@ -59,11 +61,12 @@ def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampl
 def model_settings(cfg: ModelConfig) -> dict[str, object]:
     """The shorthands' view of a model configuration ("custom" for a network of no preset)."""
     preset = next((name for name, net in PRESETS.items()
-                   if replace(net, cond_channels=cfg.net.cond_channels, ct_channels=cfg.net.ct_channels) == cfg.net),
+                   if replace(net, cond_channels=cfg.net.cond_channels, ct_channels=cfg.net.ct_channels,
+                              middle_blocks=cfg.net.middle_blocks) == cfg.net),
                   "custom")
     return {"preset": preset, "prediction": cfg.diffusion.prediction, "sampler": cfg.diffusion.sampler,
             "context": cfg.conditions.context, "beams": bool(cfg.conditions.beam_targets),
-            "beam_mu": cfg.conditions.beam_mu_per_mm}
+            "beam_mu": cfg.conditions.beam_mu_per_mm, "middle_blocks": cfg.net.middle_blocks}
 
 
 @dataclass
@@ -243,11 +246,13 @@ INPUT_CONVS = ("enc_ct.0.0", "enc_cond.0.0")  # the first convolution of the CT 
 
 
 def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> None:
-    """Start from a trained model: the same configuration, or the same one with inputs appended.
+    """Start from a trained model: the same configuration, or the same one grown.
 
-    Appended input channels get zero weights in the first convolution, so the network
-    computes exactly what the trained one did until training gives them a use; the CPU
-    hours already spent are kept.
+    It may grow by appended input channels, which get zero weights in the first
+    convolution, and by residual blocks after the bottleneck (`middle_blocks`), whose last
+    convolution starts at zero, so each adds nothing: the network computes exactly what the
+    trained one did until training gives the new parts a use; the CPU hours already spent
+    are kept.
     """
     from .modelcard import load_model
 
@@ -262,15 +267,16 @@ def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> No
         d.pop("stage1", None)
         d["net"].pop("ct_channels")
         d["net"].pop("cond_channels")
+        d["net"].pop("middle_blocks")
     oc, nc = cfg.conditions, mcfg.conditions
     same_prefix = (nc.channel_names()[:oc.n_channels] == oc.channel_names()
                    and nc.ct_channel_names()[:len(oc.ct_channel_names())] == oc.ct_channel_names()
                    and (oc.ptv_weights, oc.masks, oc.psdms) == (nc.ptv_weights, nc.masks, nc.psdms))
-    if old != new or not same_prefix:
+    if old != new or not same_prefix or cfg.net.middle_blocks > mcfg.net.middle_blocks:
         raise ValueError(f"{card} has another model configuration than this run; warm start needs the same one "
-                         "or the same one with input channels appended")
-    state = {k: v.float() for k, v in trained.state_dict().items()}
+                         "or the same one with input channels or middle blocks appended")
     target = model.state_dict()
+    state = {**target, **{k: v.float() for k, v in trained.state_dict().items()}}
     for name in INPUT_CONVS:
         w = state[f"{name}.weight"]
         grown = torch.zeros_like(target[f"{name}.weight"])

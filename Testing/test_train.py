@@ -259,6 +259,45 @@ def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_pat
         TrainConfig.from_settings(preset="test", beam_mu=0.0045)
 
 
+def test_warm_start_with_middle_blocks_keeps_the_function_and_the_new_blocks_learn(tmp_path):
+    """Blocks added after the bottleneck start as identities; one step of training makes them differ."""
+    import copy
+
+    from DoseDiffLib.conditions import assemble, gather
+    from DoseDiffLib.mmfnet import MMFNet
+    from DoseDiffLib.modelcard import load_model, save_model
+    from DoseDiffLib.train import _warm_start
+
+    old_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True).model
+    old = saved_random_model(old_cfg, tmp_path / "old.json", seed=4)
+    new_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True, middle_blocks=2).model
+    assert new_cfg.net.middle_blocks == 2 and new_cfg.conditions == old_cfg.conditions
+    new = MMFNet(new_cfg.net)
+    assert len(new.middle) == len(old.middle) + 2
+    _warm_start(new, copy.deepcopy(new), new_cfg, tmp_path / "old.json")
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1, 1, (5, 32, 32)).astype(np.float32)
+    ps = rng.normal(0, 0.1, (5, len(CACHE_ROIS), 32, 32)).astype(np.float32)
+    c, k = assemble(*gather(ct, ps, np.array([0, 2, 4]), new_cfg), new_cfg)
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([10, 500, 999])
+    with torch.no_grad():
+        before = new.eval()(x, t, c, k)
+        torch.testing.assert_close(before, old(x, t, c, k))
+    new.train()
+    opt = torch.optim.SGD(new.parameters(), lr=0.1)
+    (new(x, t, c, k) - torch.randn(3, 1, 32, 32)).abs().mean().backward()
+    grown = [p for block in new.middle[len(old.middle):] for p in block.conv2.parameters()]
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in grown)
+    opt.step()
+    assert all(p.abs().max() > 0 for p in grown)
+    # the grown network's card keeps its depth, and a card cannot warm-start a shallower run
+    save_model(new, new_cfg, tmp_path / "grown.json", {}, half=False)
+    again, cfg, _ = load_model(tmp_path / "grown.json")
+    assert cfg.net.middle_blocks == 2 and len(again.middle) == len(new.middle)
+    with pytest.raises(ValueError, match="another model configuration"):
+        _warm_start(MMFNet(old_cfg.net), MMFNet(old_cfg.net), old_cfg, tmp_path / "grown.json")
+
+
 def test_augmentation_turns_the_beams_with_the_patient():
     """Beam lines of the augmented target with the returned beams = the augmented beam lines."""
     from DoseDiffLib.conditions import beam_hits, beam_lines

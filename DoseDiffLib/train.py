@@ -10,6 +10,7 @@ weights in sync; only rank 0 validates and writes.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import math
 import os
@@ -536,4 +537,11 @@ class TrainLoop:
 def train(cache: Path, run_dir: Path, tcfg: TrainConfig, device: torch.device,
           stop: Callable[[], bool] | None = None) -> Path:
     """Train (or resume from run_dir/checkpoint.pt); returns the best model card path."""
-    return TrainLoop(cache, run_dir, tcfg, device, stop).run()
+    loop = TrainLoop(cache, run_dir, tcfg, device, stop)
+    try:
+        return loop.run()
+    finally:
+        # The loop sits in reference cycles (its LR schedule's lambda), so without a collection its
+        # DDP wrapper outlives the process group; gloo then aborts the process at exit.
+        del loop
+        gc.collect()

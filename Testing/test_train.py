@@ -154,6 +154,30 @@ def test_two_gloo_processes_stay_in_sync(tmp_path):
     assert len(sums) == 2 and sums[0] == pytest.approx(sums[1], abs=1e-9), outs
 
 
+def test_training_leaves_no_loop_behind_for_the_process_group_to_outlive(tmp_path, monkeypatch):
+    """The loop's DDP wrapper must be gone before process_group destroys the group (gloo aborts otherwise)."""
+    import gc
+    import weakref
+
+    import DoseDiffLib.train as training
+
+    loops = []
+    real = training.TrainLoop.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        loops.append(weakref.ref(self))
+    monkeypatch.setattr(training.TrainLoop, "__init__", init)
+    cache = make_cache(tmp_path)
+    gc.disable()  # only what train() frees itself counts
+    try:
+        training.train(cache, tmp_path / "run", TrainConfig.from_settings(preset="test", steps=2, batch_size=2,
+                                                                          val_every=0, threads=1), torch.device("cpu"))
+        assert len(loops) == 1 and loops[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_warm_start_begins_from_the_card_and_refuses_another_configuration(tmp_path):
     from DoseDiffLib.mmfnet import MMFNet
     from DoseDiffLib.modelcard import save_model

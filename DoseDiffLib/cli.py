@@ -653,8 +653,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 # if whole, not negative. (lo, hi, lo_open, hi_open) for numbers; a tuple of names for words.
 _TRAIN_LIMITS: dict[str, tuple] = {
     "steps": (1, None), "batch_size": (1, None), "val_patients": (1, None), "checkpoint_every": (1, None),
-    "context": (0, 8), "beam_mu": (0, 0.1), "middle_blocks": (0, 16), "dvh_weight": (0, None), "max_seconds": (0, None), "lr": (0, None, True),
-    "weight_decay": (0, None), "decay_at": (0, 1),
+    "context": (0, 8), "beam_mu": (0, 0.1), "dvh_weight": (0, None), "max_seconds": (0, None), "lr": (0, None, True),
+    "weight_decay": (0, None), "decay_at": (0, 1), "middle_blocks": (0, 16),
     "grad_clip": (0, None, True), "ema_decay": (0, 1, False, True), "aug_p": (0, 1), "zoom": (0, 1, False, True),
     "shift": (0, 1), "max_rotation_deg": (0, 180), "outside_weight": (0, None), "last_step_fraction": (0, 1),
     "stage1_jitter": (0, 1),

@@ -222,11 +222,21 @@ def saved_random_model(cfg: ModelConfig, card: Path, seed: int):
     return net
 
 
+def network_inputs(cfg: ModelConfig, psdm_sd: float = 0.1):
+    """The channels `cfg` builds from a random 5-slice CT and PSDMs (3 slices), a noisy dose and 3 timesteps."""
+    from DoseDiffLib.conditions import assemble, gather
+
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1, 1, (5, 32, 32)).astype(np.float32)
+    ps = rng.normal(0, psdm_sd, (5, len(CACHE_ROIS), 32, 32)).astype(np.float32)
+    c, k = assemble(*gather(ct, ps, np.array([0, 2, 4]), cfg), cfg)
+    return c, k, torch.randn(3, 1, 32, 32), torch.tensor([10, 500, 999])
+
+
 def test_warm_start_with_appended_channels_keeps_the_trained_function(tmp_path):
     """New input channels start at zero weight: the grown network computes what the old one did."""
     import copy
 
-    from DoseDiffLib.conditions import assemble, gather
     from DoseDiffLib.mmfnet import MMFNet
     from DoseDiffLib.train import _warm_start
 
@@ -237,11 +247,7 @@ def test_warm_start_with_appended_channels_keeps_the_trained_function(tmp_path):
     assert new_cfg.net.ct_channels == 3 and new_cfg.net.cond_channels == old_cfg.net.cond_channels + 2 + 3
     new = MMFNet(new_cfg.net)
     _warm_start(new, copy.deepcopy(new), new_cfg, tmp_path / "old.json")
-    rng = np.random.default_rng(0)
-    ct = rng.uniform(-1, 1, (5, 32, 32)).astype(np.float32)
-    ps = rng.normal(0, 0.1, (5, len(CACHE_ROIS), 32, 32)).astype(np.float32)
-    c, k = assemble(*gather(ct, ps, np.array([0, 2, 4]), new_cfg), new_cfg)
-    x, t = torch.randn(3, 1, 32, 32), torch.tensor([10, 500, 999])
+    c, k, x, t = network_inputs(new_cfg)
     with torch.no_grad():
         torch.testing.assert_close(new.eval()(x, t, c, k), old(x, t, c[:, :1], k[:, :old_cfg.net.cond_channels]))
         assert not torch.allclose(old(x, t, c[:, :1], k[:, :old_cfg.net.cond_channels]),
@@ -258,7 +264,6 @@ def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_pat
     """beam_mu appends one faded beam channel per target behind the beam lines; zero weights keep the function."""
     import copy
 
-    from DoseDiffLib.conditions import assemble, gather
     from DoseDiffLib.mmfnet import MMFNet
     from DoseDiffLib.train import _warm_start
 
@@ -271,12 +276,8 @@ def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_pat
                                                 "beams attenuated:PTV56"]
     new = MMFNet(new_cfg.net)
     _warm_start(new, copy.deepcopy(new), new_cfg, tmp_path / "old.json")
-    rng = np.random.default_rng(0)
-    ct = rng.uniform(-1, 1, (5, 32, 32)).astype(np.float32)
-    ps = rng.normal(0, 3, (5, len(CACHE_ROIS), 32, 32)).astype(np.float32)
-    c, k = assemble(*gather(ct, ps, np.array([0, 2, 4]), new_cfg), new_cfg)
+    c, k, x, t = network_inputs(new_cfg, psdm_sd=3.0)
     assert k[:, old_cfg.net.cond_channels:].abs().max() > 0
-    x, t = torch.randn(3, 1, 32, 32), torch.tensor([10, 500, 999])
     with torch.no_grad():
         torch.testing.assert_close(new.eval()(x, t, c, k), old(x, t, c, k[:, :old_cfg.net.cond_channels]))
     with pytest.raises(DoseDiffError, match="no[n]e"):
@@ -287,7 +288,6 @@ def test_warm_start_with_middle_blocks_keeps_the_function_and_the_new_blocks_lea
     """Blocks added after the bottleneck start as identities; one step of training makes them differ."""
     import copy
 
-    from DoseDiffLib.conditions import assemble, gather
     from DoseDiffLib.mmfnet import MMFNet
     from DoseDiffLib.modelcard import load_model, save_model
     from DoseDiffLib.train import _warm_start
@@ -299,11 +299,7 @@ def test_warm_start_with_middle_blocks_keeps_the_function_and_the_new_blocks_lea
     new = MMFNet(new_cfg.net)
     assert len(new.middle) == len(old.middle) + 2
     _warm_start(new, copy.deepcopy(new), new_cfg, tmp_path / "old.json")
-    rng = np.random.default_rng(0)
-    ct = rng.uniform(-1, 1, (5, 32, 32)).astype(np.float32)
-    ps = rng.normal(0, 0.1, (5, len(CACHE_ROIS), 32, 32)).astype(np.float32)
-    c, k = assemble(*gather(ct, ps, np.array([0, 2, 4]), new_cfg), new_cfg)
-    x, t = torch.randn(3, 1, 32, 32), torch.tensor([10, 500, 999])
+    c, k, x, t = network_inputs(new_cfg)
     with torch.no_grad():
         before = new.eval()(x, t, c, k)
         torch.testing.assert_close(before, old(x, t, c, k))

@@ -276,10 +276,9 @@ def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> No
     if old != new or not same_prefix or cfg.net.middle_blocks > mcfg.net.middle_blocks:
         raise ValueError(f"{card} has another model configuration than this run; warm start needs the same one "
                          "or the same one with input channels or middle blocks appended")
-    target, trained_state = model.state_dict(), trained.state_dict()
-    if any(not k.startswith("middle.") for k in target.keys() - trained_state.keys()):
-        raise ValueError(f"{card} lacks weights of this run's network other than added middle blocks")
-    state = {**target, **{k: v.float() for k, v in trained_state.items()}}
+    target = model.state_dict()
+    # the configurations agree but for the added middle blocks: only theirs keep this network's start
+    state = {**target, **{k: v.float() for k, v in trained.state_dict().items()}}
     for name in INPUT_CONVS:
         w = state[f"{name}.weight"]
         grown = torch.zeros_like(target[f"{name}.weight"])

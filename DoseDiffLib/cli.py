@@ -657,7 +657,7 @@ _TRAIN_LIMITS: dict[str, tuple] = {
     "weight_decay": (0, None), "decay_at": (0, 1), "middle_blocks": (0, 16),
     "grad_clip": (0, None, True), "ema_decay": (0, 1, False, True), "aug_p": (0, 1), "zoom": (0, 1, False, True),
     "shift": (0, 1), "max_rotation_deg": (0, 180), "outside_weight": (0, None), "last_step_fraction": (0, 1),
-    "stage1_jitter": (0, 1),
+    "stage1_jitter": (0, 1), "swa_every": (0, None), "swa_start": (0, None),
     "prediction": ("epsilon", "x0", "v"), "loss": ("mse", "l1"), "sampler": ("regression", "ddim"),
 }
 

@@ -1,11 +1,11 @@
 """Training on the prepared cache: the paper's recipe, resumable, single or multi-process.
 
 AdamW, learning rate x0.1 at 70 % of the steps, gradient clipping at 1.0, an EMA of the
-weights (what is validated and exported), bf16 autocast on CUDA, augmentation applied
-to all channels at once, periodic validation by OpenKBP dose and DVH score on a fixed
-validation subset, a checkpoint every few hundred steps, a JSON-lines log and a PNG of the
-curves. Under torchrun every process trains on its own slices and DDP keeps the
-weights in sync; only rank 0 validates and writes.
+weights or, if asked, their uniform average over the run (SWA; what is validated and
+exported), bf16 autocast on CUDA, augmentation applied to all channels at once, periodic
+validation by OpenKBP dose and DVH score on a fixed validation subset, a checkpoint every
+few hundred steps, a JSON-lines log and a PNG of the curves. Under torchrun every process
+trains on its own slices and DDP keeps the weights in sync; only rank 0 validates and writes.
 """
 from __future__ import annotations
 
@@ -99,6 +99,8 @@ class TrainConfig:
     max_seconds: float = 0.0       # stop (validated, checkpointed) after this much training time; 0 = no limit
     stage1: str = ""               # model card: train a refiner that reads its dose (predict-and-refine)
     stage1_jitter: float = 0.0     # refiner: mean SD of the smooth log-scale field its stage-1 dose is multiplied by
+    swa_every: int = 0             # > 0: every this many steps from swa_start the weights join a uniform average
+    swa_start: int = 0             # (stochastic weight averaging), validated and exported instead of the EMA
 
     @classmethod
     def from_settings(cls, **settings: object) -> "TrainConfig":
@@ -382,13 +384,14 @@ class TrainLoop:
         # channels-last convolutions run twice as fast on CPU (oneDNN) and suit CUDA tensor cores
         self.model = MMFNet(self.mcfg.net).to(device, memory_format=torch.channels_last)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.swa = copy.deepcopy(self.ema) if tcfg.swa_every else None
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
         # with a time budget the decay comes at decay_at of the budget, else of the steps
         self.decayed = False
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: 0.1 if self.decayed or s >= tcfg.decay_at * tcfg.steps else 1.0)
         self.g = torch.Generator().manual_seed(tcfg.seed * 1000 + self.rank)
-        self.state = {"step": 0, "best": float("inf"), "seconds": 0.0}
+        self.state = {"step": 0, "best": float("inf"), "seconds": 0.0, "swa_n": 0}
         self.ckpt = run_dir / "checkpoint.pt"
         if tcfg.init and not self.ckpt.exists():
             _warm_start(self.model, self.ema, self.mcfg, Path(tcfg.init))
@@ -418,10 +421,12 @@ class TrainLoop:
         _check_resume(saved, self.tcfg, self.ckpt)
         self.model.load_state_dict(saved["model"])
         self.ema.load_state_dict(saved["ema"])
+        if self.swa is not None:
+            self.swa.load_state_dict(saved["swa"])
         self.opt.load_state_dict(saved["opt"])
         self.sched.load_state_dict(saved["sched"])
         self.g.set_state(saved["rng"][self.rank] if self.rank < len(saved["rng"]) else saved["rng"][0])
-        self.state = saved["state"]
+        self.state = {"swa_n": 0, **saved["state"]}
 
     def seconds(self) -> float:
         return time.time() - self.t_start
@@ -469,14 +474,37 @@ class TrainLoop:
         for be, bm in zip(self.ema.buffers(), self.model.buffers()):
             be.copy_(bm)
 
+    @torch.no_grad()
+    def update_swa(self) -> None:
+        """Fold the weights into their uniform average when due. An average over a long
+        stretch of steps at a constant learning rate lands nearer the middle of the basin than
+        the EMA's last thousand steps (Izmailov et al. 2018); GroupNorm has no running
+        statistics to recompute for it."""
+        step, every = self.state["step"], self.tcfg.swa_every
+        if self.swa is None or step < self.tcfg.swa_start or step % every:
+            return
+        n = self.state["swa_n"] = self.state["swa_n"] + 1
+        for ps, pm in zip(self.swa.parameters(), self.model.parameters()):
+            ps.lerp_(pm, 1.0 / n)
+        for bs, bm in zip(self.swa.buffers(), self.model.buffers()):
+            bs.copy_(bm)
+
+    def exported(self) -> tuple[torch.nn.Module, str]:
+        """The weights validated and exported: the SWA average once it holds any, else the EMA."""
+        if self.swa is not None and self.state["swa_n"]:
+            return self.swa, (f"uniform average of the weights at {self.state['swa_n']} steps (every "
+                              f"{self.tcfg.swa_every} from step {self.tcfg.swa_start})")
+        return self.ema, "EMA weights"
+
     def log(self, row: dict) -> None:
         with open(self.log_path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
     def validate(self) -> None:
-        """Score the EMA on the validation subset; a better dose score exports the best model."""
+        """Score the exported weights on the validation subset; a better dose score exports the best model."""
         step = self.state["step"]
-        v = validate(self.ema, self.mcfg, self.val, self.tcfg.val_patients, self.device)
+        weights, what = self.exported()
+        v = validate(weights, self.mcfg, self.val, self.tcfg.val_patients, self.device)
         v.update(step=step, seconds=round(self.seconds(), 1))
         self.log(v)
         if v["dose_score"] < self.state["best"]:
@@ -487,10 +515,10 @@ class TrainLoop:
             info = {"training_data": text,
                     "training": {"recipe": portable_recipe(self.tcfg), "data": data, "step": step,
                                  "wall_clock_s": round(self.seconds()),
-                                 "selection": f"EMA weights, best dose score on {v['patients']} validation patients",
+                                 "selection": f"{what}, best dose score on {v['patients']} validation patients",
                                  "learning_curve": curve},
                     "validation_subset": v}
-            model = self.ema if self.stage1 is None else TwoStage(self.stage1, self.ema)
+            model = weights if self.stage1 is None else TwoStage(self.stage1, weights)
             save_model(model, self.mcfg, self.best_card, info, half=True, overwrite=True)
         plot_curves(self.log_path, self.run_dir / "curves.png")
 
@@ -506,7 +534,8 @@ class TrainLoop:
             return
         self.state["seconds"] = self.seconds()
         tmp = self.ckpt.with_suffix(".tmp")
-        torch.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+        swa = {"swa": self.swa.state_dict()} if self.swa is not None else {}
+        torch.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(), **swa, "opt": self.opt.state_dict(),
                     "sched": self.sched.state_dict(), "rng": rngs, "state": self.state,
                     "train_config": self.tcfg.recipe(), "model_config": json.dumps(self.mcfg.to_dict())}, tmp)
         os.replace(tmp, self.ckpt)
@@ -518,6 +547,7 @@ class TrainLoop:
             loss, gnorm = self.step()
             self.update_ema()
             self.state["step"] += 1
+            self.update_swa()
             step = self.state["step"]
             if self.rank == 0 and (step % 20 == 0 or step == 1):
                 self.log({"step": step, "loss": loss.item(), "grad_norm": gnorm.item(),

@@ -516,3 +516,37 @@ def test_the_training_curve_scores_a_patient_as_dosediff_evaluate_does(openkbp_p
     # so the scores agree to 0.5 %; a different slab, sampler, seed or metric would not
     assert got["dose_score"] == pytest.approx(ev.scores["dose_score"], rel=5e-3)
     assert got["dvh_score"] == pytest.approx(dvh_score([ev.dvh_errors]), rel=5e-3)
+
+
+def test_swa_exports_the_uniform_average_of_the_weights_at_its_steps_and_resumes_it(tmp_path):
+    from DoseDiffLib.modelcard import load_model
+    from DoseDiffLib.train import train
+
+    cache = make_cache(tmp_path)
+    common = dict(preset="test", batch_size=2, val_patients=1, sampler="regression",
+                  checkpoint_every=1, threads=1, lr=1e-2, swa_every=2, swa_start=3)
+    run = tmp_path / "run"
+    seen = {}
+    for steps in (3, 4, 5, 6):  # each call resumes and adds one step: steps 4 and 6 join the average
+        # validated (and exported) only at the end, so that the card cannot be an earlier step's
+        val_every = 1000 if steps == 6 else 0
+        train(cache, run, TrainConfig.from_settings(**{**common, "steps": steps, "val_every": val_every}),
+              torch.device("cpu"))
+        seen[steps] = torch.load(run / "checkpoint.pt", weights_only=True)
+    ck = seen[6]
+    assert ck["state"]["swa_n"] == 2 and seen[5]["state"]["swa_n"] == 1 and seen[3]["state"]["swa_n"] == 0
+    moved = 0.0
+    for k, v in ck["swa"].items():
+        if v.is_floating_point():
+            want = (seen[4]["model"][k] + seen[6]["model"][k]) / 2
+            assert torch.allclose(v, want, atol=1e-6), k
+            moved = max(moved, (seen[4]["model"][k] - seen[6]["model"][k]).abs().max().item())
+    assert moved > 1e-4  # the two steps' weights differ, so the test can tell an average from either
+    # the card exported at the end holds the average (in fp16), and says so
+    net, _, meta = load_model(run / "best.json")
+    for k, v in net.state_dict().items():
+        if v.is_floating_point():
+            assert torch.allclose(v.float(), ck["swa"][k], atol=2e-3, rtol=2e-3), k
+    card = json.loads((run / "best.json").read_text())
+    assert card["training"]["selection"].startswith("uniform average of the weights at 2 steps")
+    assert card["training"]["recipe"]["swa_every"] == 2

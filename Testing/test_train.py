@@ -543,7 +543,7 @@ def test_swa_exports_the_uniform_average_of_the_weights_at_its_steps_and_resumes
             moved = max(moved, (seen[4]["model"][k] - seen[6]["model"][k]).abs().max().item())
     assert moved > 1e-4  # the two steps' weights differ, so the test can tell an average from either
     # the card exported at the end holds the average (in fp16), and says so
-    net, _, meta = load_model(run / "best.json")
+    net, _, _ = load_model(run / "best.json")
     for k, v in net.state_dict().items():
         if v.is_floating_point():
             assert torch.allclose(v.float(), ck["swa"][k], atol=2e-3, rtol=2e-3), k

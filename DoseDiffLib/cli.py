@@ -723,7 +723,7 @@ def _train_settings(items: list[str]) -> "TrainConfig":
 
 # What a warm start keeps from its model's recipe unless set: the network and its inputs, and
 # the objective and sampler it was trained and validated with (fine-tuning continues them).
-INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "middle_blocks", "loss",
+INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "beam_oars", "middle_blocks", "loss",
              "outside_weight", "last_step_fraction", "dvh_weight")
 
 
@@ -738,6 +738,7 @@ def _inherited_settings(card: dict, known: list[str]) -> dict:
     out.setdefault("context", int(conditions.get("context", 0)))
     out.setdefault("beams", bool(conditions.get("beam_targets")))
     out.setdefault("beam_mu", float(conditions.get("beam_mu_per_mm", 0.0)))
+    out.setdefault("beam_oars", bool(conditions.get("beam_oars")))
     out.setdefault("middle_blocks", int(net.get("middle_blocks", 0)))
     return {k: v for k, v in out.items() if k in known}
 

@@ -168,6 +168,14 @@ def attenuated_beams(hits: torch.Tensor, ct: torch.Tensor, directions: torch.Ten
     return (hits * fade[:, :, None]).mean(1)
 
 
+def beams_via(target_hits: torch.Tensor, oar_hits: torch.Tensor) -> torch.Tensor:
+    """(B, O, H, W): the share of the beam lines through each pixel that cross any target and OAR o.
+
+    target_hits (B, A, K, H, W) and oar_hits (B, A, O, H, W) from beam_hits.
+    """
+    return (target_hits.amax(2, keepdim=True) * oar_hits).mean(1)
+
+
 def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: ModelConfig,
              directions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ordered network inputs (ct (B, Cct, H, W), conditions (B, C, H, W)).
@@ -188,10 +196,13 @@ def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: 
         if directions is None:
             directions = beam_directions(cfg, ps.shape[0])
         targets = inside[:, [pos[t] for t in c.beam_targets]] > 0
-        hits = beam_hits(targets, directions)                              # once, for both kinds of channel
+        hits = beam_hits(targets, directions)                              # once, for every kind of beam channel
         chans += list(beam_lines(hits).unbind(1))
         if c.beam_mu_per_mm > 0:
             chans += list(attenuated_beams(hits, ct_ctx[:, 0], directions, cfg).unbind(1))
+        if c.beam_oars:
+            oars = inside[:, [pos[o] for o in c.beam_oars]] > 0
+            chans += list(beams_via(hits, beam_hits(oars, directions)).unbind(1))
     return ct_ctx, torch.stack(chans, dim=1)
 
 

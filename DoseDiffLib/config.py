@@ -92,6 +92,10 @@ class ConditionConfig:
     # 0 degrees enters anteriorly), so a beam's entrance side differs from its exit side.
     # 6 MV loses about 4.5 % per cm beyond the build-up: 0.0045 per mm.
     beam_mu_per_mm: float = 0.0
+    # Per OAR: the share of the beam lines through a pixel that cross a beam target and
+    # this OAR on the same slice. Inverse planning lowers the fluence of exactly those
+    # lines to spare the organ; a line integral is what a small CNN finds hard to learn.
+    beam_oars: tuple[str, ...] = ()
     # Predict-and-refine: the dose a first-stage model (ModelConfig.stage1) predicts for
     # the slice and its context slices joins the CT encoder's inputs, in network units,
     # -1 where no dose is possible. It carries the dose's 3-D shape the slices share.
@@ -109,6 +113,7 @@ class ConditionConfig:
     @property
     def rois(self) -> tuple[str, ...]:
         names = [n for n, _ in self.ptv_weights] + list(self.masks) + list(self.psdms) + list(self.beam_targets)
+        names += list(self.beam_oars)
         return tuple(dict.fromkeys(n for n in names if n != POSSIBLE_DOSE))
 
     def channel_names(self) -> list[str]:
@@ -116,7 +121,8 @@ class ConditionConfig:
                 + [f"psdm:{p}" for p in self.psdms]
                 + [f"PTV weighted@{o:+d}" for o in self.context_offsets]
                 + [f"beams:{t}" for t in self.beam_targets]
-                + [f"beams attenuated:{t}" for t in (self.beam_targets if self.beam_mu_per_mm > 0 else ())])
+                + [f"beams attenuated:{t}" for t in (self.beam_targets if self.beam_mu_per_mm > 0 else ())]
+                + [f"beams via:{o}" for o in self.beam_oars])
 
     def ct_channel_names(self) -> list[str]:
         stage1 = ["stage-1 dose"] + [f"stage-1 dose@{o:+d}" for o in self.context_offsets] if self.stage1_dose else []
@@ -213,6 +219,8 @@ class ModelConfig:
             raise ValueError("a first stage cannot itself be a refiner")
         if not 0.0 <= self.diffusion.stage1_weight <= (1.0 if self.stage1 is not None else 0.0):
             raise ValueError("stage1_weight is a share in [0, 1], and only a refiner has a first stage to weigh")
+        if self.conditions.beam_oars and not self.conditions.beam_targets:
+            raise ValueError("beam_oars counts the lines of the beam targets, so it needs beam_targets")
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":

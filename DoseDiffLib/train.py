@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .conditions import LR_PAIRS, SliceStack, assemble, beam_directions, gather
-from .config import POSSIBLE_DOSE, PRESETS, ConditionConfig, ModelConfig
+from .config import OARS, POSSIBLE_DOSE, PRESETS, ConditionConfig, ModelConfig
 from .diffusion import Diffusion
 from .errors import DoseDiffError
 from .losses import sorted_dose_l1
@@ -41,12 +41,13 @@ from .prepare import CACHE_ROIS, describe_cache
 # The model settings a run may name (--set preset=small, context=2, ...): shorthands for
 # the ModelConfig it trains, also the flat keys of every recipe a card or checkpoint keeps.
 MODEL_SETTINGS: dict[str, object] = {"preset": "tiny", "prediction": "epsilon", "sampler": "ddim", "context": 0,
-                                     "beams": False, "beam_mu": 0.0, "middle_blocks": 0}
+                                     "beams": False, "beam_mu": 0.0, "beam_oars": False,
+                                     "middle_blocks": 0}
 
 
 def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampler: str = "ddim",
                         context: int = 0, beams: bool = False, beam_mu: float = 0.0,
-                        middle_blocks: int = 0) -> ModelConfig:
+                        beam_oars: bool = False, middle_blocks: int = 0) -> ModelConfig:
     """The one place the shorthands become a model configuration (every other setting of it,
     such as an added condition channel, is given as a ModelConfig)."""
     base = ModelConfig.preset(preset)
@@ -55,7 +56,11 @@ def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampl
     if beam_mu and not beams:
         raise DoseDiffError(f"beam_mu={beam_mu} fades the beam-line channels, but there are none.",
                             "Add --set beams=True.")
-    cfg = base.with_conditions(ConditionConfig(context=context, beam_targets=targets, beam_mu_per_mm=float(beam_mu)))
+    if beam_oars and not beams:
+        raise DoseDiffError("beam_oars=True counts beam lines through the targets, but there are none.",
+                            "Add --set beams=True.")
+    cfg = base.with_conditions(ConditionConfig(context=context, beam_targets=targets, beam_mu_per_mm=float(beam_mu),
+                                               beam_oars=OARS if beam_oars else ()))
     return replace(cfg, diffusion=replace(cfg.diffusion, prediction=prediction, sampler=sampler))
 
 
@@ -67,7 +72,8 @@ def model_settings(cfg: ModelConfig) -> dict[str, object]:
                   "custom")
     return {"preset": preset, "prediction": cfg.diffusion.prediction, "sampler": cfg.diffusion.sampler,
             "context": cfg.conditions.context, "beams": bool(cfg.conditions.beam_targets),
-            "beam_mu": cfg.conditions.beam_mu_per_mm, "middle_blocks": cfg.net.middle_blocks}
+            "beam_mu": cfg.conditions.beam_mu_per_mm, "beam_oars": bool(cfg.conditions.beam_oars),
+            "middle_blocks": cfg.net.middle_blocks}
 
 
 @dataclass

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from DoseDiffLib.conditions import (assemble, beam_directions, beam_hits, beam_lines, gather, mirror_channels,
-                                    neighbours, slice_stack)
-from DoseDiffLib.config import POSSIBLE_DOSE, ConditionConfig, ModelConfig
+from DoseDiffLib.conditions import (assemble, beam_directions, beam_hits, beam_lines, beams_via, gather,
+                                    mirror_channels, neighbours, slice_stack)
+from DoseDiffLib.config import OARS, POSSIBLE_DOSE, ConditionConfig, ModelConfig
 from DoseDiffLib.losses import sorted_dose_l1
 from DoseDiffLib.phantom import head_and_neck
 from DoseDiffLib.psdm import psdm
@@ -173,3 +173,38 @@ def test_mirroring_keeps_the_attenuated_beams_in_place():
     i = names.index("beams attenuated:PTV70")
     assert a[:, i].max() > 0 and a[:, i].max() < 1
     torch.testing.assert_close(a[:, mirror_channels(cfg)[1]].flip(-1), b, atol=1e-4, rtol=0)
+
+
+def test_beams_via_an_organ_count_the_lines_that_cross_both_the_target_and_the_organ():
+    """Target at the centre, organ 22 pixels straight above it: only the 0-degree line joins them."""
+    n = 65
+    target, organ = one_pixel(n, 32, 32), one_pixel(n, 10, 32)
+    d = beam_directions(CFG, 1)
+    via = beams_via(beam_hits(target, d), beam_hits(organ, d))[0, 0]
+    lines = beam_lines(beam_hits(target, d))[0, 0]
+    for r in (0, 10, 32, 50, 64):                       # all along that line, beyond either end too
+        assert via[r, 32] == pytest.approx(1 / 9)
+    assert lines[32, 32] == 1 and via[32, 32] == pytest.approx(1 / 9)   # 8 lines through the target miss the organ
+    assert via[10, 0] == 0 and via[47, 45] == 0 and lines[47, 45] > 0   # the organ's or the target's other lines
+    assert torch.all(via <= lines)                       # a subset of the target's lines, pixel by pixel
+    assert int((via > 0).sum()) == n                     # exactly one column
+    # two organs stacked: their channels are per organ
+    both = torch.cat([organ, one_pixel(n, 60, 32)], 1)
+    two = beams_via(beam_hits(target, d), beam_hits(both, d))[0]
+    torch.testing.assert_close(two[0], two[1])
+
+
+def test_beams_via_the_organs_follow_the_names_and_mirror_with_the_parotids():
+    from dataclasses import replace
+
+    cfg = CFG.with_conditions(replace(CFG.conditions, beam_oars=OARS))
+    names = cfg.conditions.channel_names()
+    assert names[-len(OARS):] == [f"beams via:{o}" for o in OARS] and cfg.net.cond_channels == len(names)
+    (_, a), (_, b) = phantom_and_mirror_inputs(cfg)
+    perm = mirror_channels(cfg)[1]
+    i, j = names.index("beams via:RightParotid"), names.index("beams via:LeftParotid")
+    assert perm[i] == j and perm[j] == i
+    assert a[:, names.index("beams via:SpinalCord")].max() > 0
+    torch.testing.assert_close(a[:, perm].flip(-1), b, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="beam_targets"):
+        ModelConfig.preset("test").with_conditions(ConditionConfig(beam_oars=("SpinalCord",)))

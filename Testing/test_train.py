@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from DoseDiffLib.config import ModelConfig
+from DoseDiffLib.config import OARS, ModelConfig
 from DoseDiffLib.errors import DoseDiffError
 from DoseDiffLib.prepare import CACHE_ROIS
 from DoseDiffLib.train import MODEL_SETTINGS, TrainConfig, augment
@@ -282,6 +282,36 @@ def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_pat
         torch.testing.assert_close(new.eval()(x, t, c, k), old(x, t, c, k[:, :old_cfg.net.cond_channels]))
     with pytest.raises(DoseDiffError, match="no[n]e"):
         TrainConfig.from_settings(preset="test", beam_mu=0.0045)
+
+
+def test_warm_start_to_beams_via_the_organs_keeps_the_trained_function(tmp_path):
+    """beam_oars appends one channel per organ behind the faded beams; zero weights keep the function,
+    and a card's recipe hands the setting on to the next warm start."""
+    import copy
+
+    from DoseDiffLib.cli import _inherited_settings
+    from DoseDiffLib.mmfnet import MMFNet
+    from DoseDiffLib.train import _warm_start
+
+    old_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True, beam_mu=0.0045).model
+    old = saved_random_model(old_cfg, tmp_path / "old.json", seed=3)
+    new_tcfg = TrainConfig.from_settings(preset="test", context=1, beams=True, beam_mu=0.0045, beam_oars=True)
+    new_cfg = new_tcfg.model
+    names = new_cfg.conditions.channel_names()
+    assert names[:old_cfg.net.cond_channels] == old_cfg.conditions.channel_names()
+    assert names[old_cfg.net.cond_channels:] == [f"beams via:{o}" for o in OARS]
+    new = MMFNet(new_cfg.net)
+    _warm_start(new, copy.deepcopy(new), new_cfg, tmp_path / "old.json")
+    c, k, x, t = network_inputs(new_cfg, psdm_sd=3.0)
+    assert k[:, old_cfg.net.cond_channels:].abs().max() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(new.eval()(x, t, c, k), old(x, t, c, k[:, :old_cfg.net.cond_channels]))
+    assert new_tcfg.recipe()["beam_oars"] is True
+    card = {"training": {"recipe": new_tcfg.recipe()}, "config": new_cfg.to_dict()}
+    assert _inherited_settings(card, list(new_tcfg.recipe()))["beam_oars"] is True
+    assert _inherited_settings({"config": old_cfg.to_dict()}, ["beam_oars"]) == {"beam_oars": False}
+    with pytest.raises(DoseDiffError, match="no[n]e"):
+        TrainConfig.from_settings(preset="test", beam_oars=True)
 
 
 def test_warm_start_with_middle_blocks_keeps_the_function_and_the_new_blocks_learn(tmp_path):

@@ -260,26 +260,32 @@ def test_warm_start_with_appended_channels_keeps_the_trained_function(tmp_path):
         _warm_start(MMFNet(other.net), MMFNet(other.net), other, tmp_path / "old.json")
 
 
-def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_path):
-    """beam_mu appends one faded beam channel per target behind the beam lines; zero weights keep the function."""
+def grown_model_keeps_the_function(tmp_path, old_settings: dict, new_settings: dict, appended: list[str]) -> None:
+    """A warm start from a model with the old settings to one whose conditions are those plus `appended`
+    computes exactly what the old model did, though the appended channels are not zero."""
     import copy
 
     from DoseDiffLib.mmfnet import MMFNet
     from DoseDiffLib.train import _warm_start
 
-    old_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True).model
+    old_cfg = TrainConfig.from_settings(preset="test", **old_settings).model
     old = saved_random_model(old_cfg, tmp_path / "old.json", seed=2)
-    new_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True, beam_mu=0.0045).model
+    new_cfg = TrainConfig.from_settings(preset="test", **new_settings).model
     names = new_cfg.conditions.channel_names()
     assert names[:old_cfg.net.cond_channels] == old_cfg.conditions.channel_names()
-    assert names[old_cfg.net.cond_channels:] == ["beams attenuated:PTV70", "beams attenuated:PTV63",
-                                                "beams attenuated:PTV56"]
+    assert names[old_cfg.net.cond_channels:] == appended
     new = MMFNet(new_cfg.net)
     _warm_start(new, copy.deepcopy(new), new_cfg, tmp_path / "old.json")
     c, k, x, t = network_inputs(new_cfg, psdm_sd=3.0)
     assert k[:, old_cfg.net.cond_channels:].abs().max() > 0
     with torch.no_grad():
         torch.testing.assert_close(new.eval()(x, t, c, k), old(x, t, c, k[:, :old_cfg.net.cond_channels]))
+
+
+def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_path):
+    """beam_mu appends one faded beam channel per target behind the beam lines; zero weights keep the function."""
+    grown_model_keeps_the_function(tmp_path, dict(context=1, beams=True), dict(context=1, beams=True, beam_mu=0.0045),
+                                   ["beams attenuated:PTV70", "beams attenuated:PTV63", "beams attenuated:PTV56"])
     with pytest.raises(DoseDiffError, match="no[n]e"):
         TrainConfig.from_settings(preset="test", beam_mu=0.0045)
 
@@ -287,29 +293,16 @@ def test_warm_start_to_depth_attenuated_beams_keeps_the_trained_function(tmp_pat
 def test_warm_start_to_beams_via_the_organs_keeps_the_trained_function(tmp_path):
     """beam_oars appends one channel per organ behind the faded beams; zero weights keep the function,
     and a card's recipe hands the setting on to the next warm start."""
-    import copy
-
     from DoseDiffLib.cli import _inherited_settings
-    from DoseDiffLib.mmfnet import MMFNet
-    from DoseDiffLib.train import _warm_start
 
-    old_cfg = TrainConfig.from_settings(preset="test", context=1, beams=True, beam_mu=0.0045).model
-    old = saved_random_model(old_cfg, tmp_path / "old.json", seed=3)
-    new_tcfg = TrainConfig.from_settings(preset="test", context=1, beams=True, beam_mu=0.0045, beam_oars=True)
-    new_cfg = new_tcfg.model
-    names = new_cfg.conditions.channel_names()
-    assert names[:old_cfg.net.cond_channels] == old_cfg.conditions.channel_names()
-    assert names[old_cfg.net.cond_channels:] == [f"beams via:{o}" for o in OARS]
-    new = MMFNet(new_cfg.net)
-    _warm_start(new, copy.deepcopy(new), new_cfg, tmp_path / "old.json")
-    c, k, x, t = network_inputs(new_cfg, psdm_sd=3.0)
-    assert k[:, old_cfg.net.cond_channels:].abs().max() > 0
-    with torch.no_grad():
-        torch.testing.assert_close(new.eval()(x, t, c, k), old(x, t, c, k[:, :old_cfg.net.cond_channels]))
-    assert new_tcfg.recipe()["beam_oars"] is True
-    card = {"training": {"recipe": new_tcfg.recipe()}, "config": new_cfg.to_dict()}
-    assert _inherited_settings(card, list(new_tcfg.recipe()))["beam_oars"] is True
-    assert _inherited_settings({"config": old_cfg.to_dict()}, ["beam_oars"]) == {"beam_oars": False}
+    old = dict(context=1, beams=True, beam_mu=0.0045)
+    grown_model_keeps_the_function(tmp_path, old, {**old, "beam_oars": True}, [f"beams via:{o}" for o in OARS])
+    tcfg = TrainConfig.from_settings(preset="test", beam_oars=True, **old)
+    assert tcfg.recipe()["beam_oars"] is True
+    card = {"training": {"recipe": tcfg.recipe()}, "config": tcfg.model.to_dict()}
+    assert _inherited_settings(card, list(tcfg.recipe()))["beam_oars"] is True
+    old_card = {"config": TrainConfig.from_settings(preset="test", **old).model.to_dict()}
+    assert _inherited_settings(old_card, ["beam_oars"]) == {"beam_oars": False}
     with pytest.raises(DoseDiffError, match="no[n]e"):
         TrainConfig.from_settings(preset="test", beam_oars=True)
 

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NoReturn
 
+from .config import MAX_Z_SMOOTHING_MM
 from .errors import Cancelled, DoseDiffError
 from .registry import default_model, model_argument
 from .volume import all_or_nothing, atomic_write, check_output, check_output_folder, make_folder
@@ -654,7 +655,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
 _TRAIN_LIMITS: dict[str, tuple] = {
     "steps": (1, None), "batch_size": (1, None), "val_patients": (1, None), "checkpoint_every": (1, None),
     "context": (0, 8), "beam_mu": (0, 0.1), "dvh_weight": (0, None), "max_seconds": (0, None), "lr": (0, None, True),
-    "weight_decay": (0, None), "decay_at": (0, 1), "middle_blocks": (0, 16),
+    "weight_decay": (0, None), "decay_at": (0, 1), "middle_blocks": (0, 16), "z_smoothing_mm": (0, MAX_Z_SMOOTHING_MM),
     "grad_clip": (0, None, True), "ema_decay": (0, 1, False, True), "aug_p": (0, 1), "zoom": (0, 1, False, True),
     "shift": (0, 1), "max_rotation_deg": (0, 180), "outside_weight": (0, None), "last_step_fraction": (0, 1),
     "stage1_jitter": (0, 1), "swa_every": (0, None), "swa_start": (0, None),
@@ -721,10 +722,11 @@ def _train_settings(items: list[str]) -> "TrainConfig":
     return TrainConfig.from_settings(**overrides)
 
 
-# What a warm start keeps from its model's recipe unless set: the network and its inputs, and
-# the objective and sampler it was trained and validated with (fine-tuning continues them).
+# What a warm start keeps from its model's recipe unless set: the network and its inputs, the
+# objective it was trained with (fine-tuning continues them), and the read-out it was validated
+# with (sampler, mirrored patient, z filter), so the new card is read out and validated alike.
 INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "beam_oars", "middle_blocks", "loss",
-             "outside_weight", "last_step_fraction", "dvh_weight")
+             "outside_weight", "last_step_fraction", "dvh_weight", "flip", "z_smoothing_mm")
 
 
 def _inherited_settings(card: dict, known: list[str]) -> dict:
@@ -740,6 +742,8 @@ def _inherited_settings(card: dict, known: list[str]) -> dict:
     out.setdefault("beam_mu", float(conditions.get("beam_mu_per_mm", 0.0)))
     out.setdefault("beam_oars", bool(conditions.get("beam_oars")))
     out.setdefault("middle_blocks", int(net.get("middle_blocks", 0)))
+    out.setdefault("flip", bool(diffusion.get("flip", False)))
+    out.setdefault("z_smoothing_mm", float(diffusion.get("z_smoothing_mm", 0.0)))
     return {k: v for k, v in out.items() if k in known}
 
 

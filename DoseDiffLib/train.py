@@ -42,12 +42,13 @@ from .prepare import CACHE_ROIS, describe_cache
 # the ModelConfig it trains, also the flat keys of every recipe a card or checkpoint keeps.
 MODEL_SETTINGS: dict[str, object] = {"preset": "tiny", "prediction": "epsilon", "sampler": "ddim", "context": 0,
                                      "beams": False, "beam_mu": 0.0, "beam_oars": False,
-                                     "middle_blocks": 0}
+                                     "middle_blocks": 0, "flip": False, "z_smoothing_mm": 0.0}
 
 
 def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampler: str = "ddim",
                         context: int = 0, beams: bool = False, beam_mu: float = 0.0,
-                        beam_oars: bool = False, middle_blocks: int = 0) -> ModelConfig:
+                        beam_oars: bool = False, middle_blocks: int = 0, flip: bool = False,
+                        z_smoothing_mm: float = 0.0) -> ModelConfig:
     """The one place the shorthands become a model configuration (every other setting of it,
     such as an added condition channel, is given as a ModelConfig)."""
     base = ModelConfig.preset(preset)
@@ -61,7 +62,8 @@ def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampl
                             "Add --set beams=True.")
     cfg = base.with_conditions(ConditionConfig(context=context, beam_targets=targets, beam_mu_per_mm=float(beam_mu),
                                                beam_oars=OARS if beam_oars else ()))
-    return replace(cfg, diffusion=replace(cfg.diffusion, prediction=prediction, sampler=sampler))
+    return replace(cfg, diffusion=replace(cfg.diffusion, prediction=prediction, sampler=sampler, flip=bool(flip),
+                                          z_smoothing_mm=float(z_smoothing_mm)))
 
 
 def model_settings(cfg: ModelConfig) -> dict[str, object]:
@@ -73,7 +75,8 @@ def model_settings(cfg: ModelConfig) -> dict[str, object]:
     return {"preset": preset, "prediction": cfg.diffusion.prediction, "sampler": cfg.diffusion.sampler,
             "context": cfg.conditions.context, "beams": bool(cfg.conditions.beam_targets),
             "beam_mu": cfg.conditions.beam_mu_per_mm, "beam_oars": bool(cfg.conditions.beam_oars),
-            "middle_blocks": cfg.net.middle_blocks}
+            "middle_blocks": cfg.net.middle_blocks, "flip": cfg.diffusion.flip,
+            "z_smoothing_mm": cfg.diffusion.z_smoothing_mm}
 
 
 @dataclass

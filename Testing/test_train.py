@@ -486,6 +486,24 @@ def test_recipes_written_before_the_run_held_its_model_configuration_still_read(
         _check_resume(saved, TrainConfig.from_settings(**{**recipe, "lr": 1e-3}), Path("checkpoint.pt"))
 
 
+def test_a_warm_start_is_read_out_as_its_parent_unless_told_otherwise():
+    """The bundled card is validated mirrored with the z filter: a fine-tune of it must be too, or
+    its card and in-run curve score a handicapped read-out (phase 22 was first reported so)."""
+    from DoseDiffLib.cli import _train_settings
+    from DoseDiffLib.modelcard import read_card
+    from DoseDiffLib.registry import resolve
+
+    held = ModelConfig.from_dict(read_card(resolve("dosediff-openkbp"))["config"]).diffusion
+    assert held.flip and held.z_smoothing_mm > 0
+    inherited = _train_settings(["init=dosediff-openkbp"]).model.diffusion
+    assert (inherited.flip, inherited.z_smoothing_mm, inherited.sampler) == (held.flip, held.z_smoothing_mm, held.sampler)
+    told = _train_settings(["init=dosediff-openkbp", "flip=False", "z_smoothing_mm=0"]).model.diffusion
+    assert (told.flip, told.z_smoothing_mm) == (False, 0.0)
+    assert _train_settings(["preset=test"]).model.diffusion.flip is False   # a new model: one view
+    with pytest.raises(DoseDiffError, match="z_smoothing_mm=20 is outside"):
+        _train_settings(["z_smoothing_mm=20"])
+
+
 @pytest.mark.parametrize("version", [0, 2, None, "1"])
 def test_a_cache_of_another_version_is_refused_by_training_and_by_prepare(tmp_path, version):
     from DoseDiffLib.prepare import CACHE_VERSION, check_cache, prepare

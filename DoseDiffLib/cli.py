@@ -421,6 +421,35 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from .modelcard import save_ensemble
+
+    check_output(args.out, args.overwrite, (".json",), "--out")
+    check_output(args.out.with_suffix(".safetensors"), args.overwrite, (), "Weights file")
+    save_ensemble(args.model, args.partner, args.out, overwrite=args.overwrite)
+    shares = ", ".join(f"{w:g}" for _, w in args.partner)
+    print(f"wrote {args.out} and {args.out.with_suffix('.safetensors')}: {args.model.name} keeps "
+          f"{1 - sum(w for _, w in args.partner):g}, partners {shares}. Measure it before use: "
+          f"dosediff evaluate --update-card {args.out}")
+    return 0
+
+
+def _partner(text: str) -> tuple[Path, float]:
+    from .registry import resolve
+
+    name, sep, share = text.rpartition("=")
+    try:
+        value = float(share)
+    except ValueError:
+        value = float("nan")
+    if not sep or not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not CARD=SHARE with a share between 0 and 1")
+    try:
+        return resolve(name), value
+    except DoseDiffError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (argparse prints the usage block and exits by itself)."""
 
@@ -443,6 +472,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="card path (.json)")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--fp32", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p = sub.add_parser("ensemble", help="one model card for networks whose doses are averaged by shares")
+    p.add_argument("--model", type=model_argument, required=True,
+                   help="the first network (registered name or card): it keeps 1 - the partners' shares, and a "
+                        "warm start from the ensemble continues it")
+    p.add_argument("--partner", action="append", required=True, type=_partner, metavar="CARD=SHARE",
+                   help="another network's card and the share of its dose (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="the ensemble's card (.json); its weights go beside it")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("demo", help="the main job on an embedded phantom (or --openkbp pt_N) with the bundled model")
     p.add_argument("--out", type=Path, default=Path("dosediff-demo"))
@@ -771,11 +808,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"predict": cmd_predict, "init-model": cmd_init_model, "prepare": cmd_prepare, "pack": cmd_pack, "qa": cmd_qa,
-            "train": cmd_train,
+            "train": cmd_train, "ensemble": cmd_ensemble,
             "evaluate": cmd_evaluate, "demo": cmd_demo}
 # these write one result each: a failure removes what they had written (cohort prediction,
 # prepare and train are resumable: they keep their finished files, only empty folders go)
-ALL_OR_NOTHING = ("init-model", "evaluate", "demo")
+ALL_OR_NOTHING = ("init-model", "ensemble", "evaluate", "demo")
 
 
 def _writes_one_result(args: argparse.Namespace) -> bool:

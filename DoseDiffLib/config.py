@@ -188,9 +188,11 @@ class DiffusionConfig:
     flip: bool = False            # validated with the mirrored patient averaged in, whatever the sampler
     z_smoothing_mm: float = 0.0   # the slice-noise filter this model is validated with (0: none)
     stage1_weight: float = 0.0    # a refiner's output: this share of its first stage's dose averaged in
+    partner_weights: tuple[float, ...] = ()  # an ensemble's output: each partner's share (ModelConfig.partners)
 
     # how a trained network is read out, not what its weights mean: free to differ on a warm start
-    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler", "flip", "z_smoothing_mm", "stage1_weight")
+    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler", "flip", "z_smoothing_mm", "stage1_weight",
+                                                   "partner_weights")
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,10 @@ class ModelConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     # the first stage of a predict-and-refine pair, whose dose this model reads
     stage1: ModelConfig | None = None
+    # An ensemble: networks read out beside this one on the same inputs, each with its share
+    # of the dose (diffusion.partner_weights; this network keeps the rest). Networks trained
+    # apart err apart, so their average is closer than either (README, "Ensemble").
+    partners: tuple[ModelConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if self.conditions.stage1_dose != (self.stage1 is not None):
@@ -221,6 +227,31 @@ class ModelConfig:
             raise ValueError("stage1_weight is a share in [0, 1], and only a refiner has a first stage to weigh")
         if self.conditions.beam_oars and not self.conditions.beam_targets:
             raise ValueError("beam_oars counts the lines of the beam targets, so it needs beam_targets")
+        self._check_partners()
+
+    def _check_partners(self) -> None:
+        shares = self.diffusion.partner_weights
+        if len(shares) != len(self.partners):
+            raise ValueError(f"an ensemble gives each of its {len(self.partners)} partners a share "
+                             f"(got {len(shares)} partner_weights)")
+        if not self.partners:
+            return
+        if not (all(w > 0 for w in shares) and sum(shares) < 1):
+            raise ValueError("partner shares must be positive and leave this network a share (sum below 1)")
+        if self.stage1 is not None or any(p.stage1 is not None or p.partners for p in self.partners):
+            raise ValueError("an ensemble's networks are single networks, not refiners or ensembles")
+        targets = [n for n, _ in self.conditions.ptv_weights]
+        for p in self.partners:
+            if (p.norm, p.grid, p.net.image_size) != (self.norm, self.grid, self.net.image_size):
+                raise ValueError("an ensemble's networks must share the dose scale, CT window, grid and image size")
+            if ([n for n, _ in p.conditions.ptv_weights] != targets or not set(p.conditions.rois) <= set(self.conditions.rois)
+                    or not set(p.conditions.required) <= set(self.conditions.required)):
+                raise ValueError("an ensemble's partners must read the targets, structures and required "
+                                 "structures of its first network")
+
+    def alone(self) -> "ModelConfig":
+        """The first network of an ensemble as a model of its own."""
+        return replace(self, partners=(), diffusion=replace(self.diffusion, partner_weights=()))
 
     @classmethod
     def preset(cls, name: str) -> "ModelConfig":
@@ -241,8 +272,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if self.stage1 is None:  # single-stage cards keep their original shape
-            del d["stage1"]
+        del d["stage1"], d["partners"]  # a single network's card keeps its original shape
+        if self.stage1 is not None:
+            d["stage1"] = self.stage1.to_dict()
+        if self.partners:
+            d["partners"] = [p.to_dict() for p in self.partners]
+        else:
+            del d["diffusion"]["partner_weights"]
         return d
 
     def weights_dict(self) -> dict:
@@ -269,4 +305,5 @@ class ModelConfig:
                    norm=build(NormConfig, d.get("norm", {})),
                    diffusion=build(DiffusionConfig, d.get("diffusion", {})),
                    grid=build(GridConfig, d.get("grid", {})),
-                   stage1=cls.from_dict(d["stage1"]) if d.get("stage1") else None)
+                   stage1=cls.from_dict(d["stage1"]) if d.get("stage1") else None,
+                   partners=tuple(cls.from_dict(p) for p in d.get("partners", ())))

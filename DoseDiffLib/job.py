@@ -22,10 +22,10 @@ if TYPE_CHECKING:
 
     from .config import ModelConfig
     from .dicomrt import DicomCase
-    from .mmfnet import MMFNet
+    from .modelcard import Network
 
-# what modelcard.load_model returns: the network, its configuration and its card
-Loaded = tuple["MMFNet", "ModelConfig", dict]
+# what modelcard.load_model returns: the network(s), its configuration and its card
+Loaded = tuple["Network", "ModelConfig", dict]
 
 
 @dataclass

@@ -241,5 +241,17 @@ class TwoStage(nn.Module):
         return self.net(x, t, ct, cond)
 
 
+class Ensemble(nn.Module):
+    """Networks read out on the same inputs and averaged by their shares (predict.sample_dose).
+
+    One module, one weights file and one checksum, like TwoStage. It has no forward of its
+    own: each network takes its own input channels (ModelConfig.partners).
+    """
+
+    def __init__(self, net: MMFNet, partners: list[MMFNet]) -> None:
+        super().__init__()
+        self.net, self.partners = net, nn.ModuleList(partners)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -12,6 +12,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import DiffusionConfig, ModelConfig
 from .errors import DoseDiffError
-from .mmfnet import MMFNet, TwoStage, count_parameters
+from .mmfnet import Ensemble, MMFNet, TwoStage, count_parameters
 from .volume import atomic_write
 
 CARD_FORMAT = 1
@@ -63,7 +64,10 @@ def config_sha256(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def save_model(model: MMFNet | TwoStage, cfg: ModelConfig, card_path: str | os.PathLike,
+Network = MMFNet | TwoStage | Ensemble
+
+
+def save_model(model: Network, cfg: ModelConfig, card_path: str | os.PathLike,
                info: dict[str, Any] | None = None, half: bool = True, overwrite: bool = False) -> Path:
     """Write <name>.safetensors and its card <name>.json."""
     card_path = Path(card_path)
@@ -148,7 +152,7 @@ def card_config(card: dict[str, Any]) -> ModelConfig:
     except (TypeError, ValueError, AttributeError) as exc:
         raise DoseDiffError(f"Model card {card['_path']} holds an invalid configuration ({exc}).",
                             "Use the card shipped with the weights.") from None
-    for c in (cfg, cfg.stage1) if cfg.stage1 is not None else (cfg,):
+    for c in (cfg, *([cfg.stage1] if cfg.stage1 is not None else []), *cfg.partners):
         if (c.net.cond_channels, c.net.ct_channels) != (c.conditions.n_channels, len(c.conditions.ct_channel_names())):
             raise DoseDiffError(
                 f"Model card {card['_path']} is inconsistent: the network takes {c.net.ct_channels} CT and "
@@ -158,9 +162,19 @@ def card_config(card: dict[str, Any]) -> ModelConfig:
     return cfg
 
 
+def build_network(cfg: ModelConfig) -> Network:
+    """The untrained module a configuration describes: one network, a refiner pair or an ensemble."""
+    if cfg.stage1 is not None:
+        return TwoStage(MMFNet(cfg.stage1.net), MMFNet(cfg.net))
+    if cfg.partners:
+        return Ensemble(MMFNet(cfg.net), [MMFNet(p.net) for p in cfg.partners])
+    return MMFNet(cfg.net)
+
+
 def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[MMFNet | TwoStage, ModelConfig, dict[str, Any]]:
-    """Build the network (a TwoStage pair for a refiner's card) and load verified weights."""
+               dtype: torch.dtype = torch.float32) -> tuple[Network, ModelConfig, dict[str, Any]]:
+    """Build the network (a TwoStage pair for a refiner's card, an Ensemble for an ensemble's)
+    and load verified weights."""
     card = read_card(card_path)
     cfg = card_config(card)
     weights = Path(card["_path"]).parent / card["weights"]["file"]
@@ -178,7 +192,7 @@ def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
         raise DoseDiffError(f"Weights {weights} are not a valid safetensors file ({type(exc).__name__}: "
                             f"{str(exc)[:120]}).", "Re-install the model (the .safetensors and its card).") from None
     try:
-        model = MMFNet(cfg.net) if cfg.stage1 is None else TwoStage(MMFNet(cfg.stage1.net), MMFNet(cfg.net))
+        model = build_network(cfg)
     except (TypeError, ValueError, ZeroDivisionError, RuntimeError) as exc:
         raise DoseDiffError(f"Model card {card['_path']} describes a network that cannot be built ({exc}).",
                             "Use the card shipped with the weights.") from None
@@ -197,6 +211,37 @@ def load_model(card_path: str | os.PathLike, device: torch.device | str = "cpu",
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.to(device=device, dtype=dtype).eval()
     return model, cfg, card
+
+
+def save_ensemble(first: str | os.PathLike, partners: list[tuple[str | os.PathLike, float]],
+                  card_path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """One card and one weights file for networks whose doses are averaged: `first` keeps
+    1 - the partners' shares. The card keeps `first`'s training record (a warm start from the
+    ensemble continues `first`); its validation is the ensemble's own, still to be measured."""
+    loaded = [load_model(first)] + [load_model(p) for p, _ in partners]
+    for (_, cfg, card) in loaded:
+        if cfg.stage1 is not None or cfg.partners:
+            raise DoseDiffError(f"Model {card['_path']} is a refiner or an ensemble itself.",
+                                "Give the cards of single networks.")
+    (net, cfg, card), rest = loaded[0], loaded[1:]
+    shares = tuple(float(w) for _, w in partners)
+    read_out = {k: getattr(cfg.diffusion, k) for k in ("sampler", "flip", "z_smoothing_mm")}
+    try:  # partners are read out with the ensemble's sampler; their own settings would mislead
+        ens = replace(cfg, partners=tuple(replace(c, diffusion=replace(c.diffusion, **read_out)) for _, c, _ in rest),
+                      diffusion=replace(cfg.diffusion, partner_weights=shares))
+    except ValueError as exc:
+        raise DoseDiffError(f"These models cannot form an ensemble: {exc}.",
+                            "Combine networks trained on the same targets, structures, dose scale and grid.") from None
+    members = [{"card": Path(c["_path"]).name, "share": round(w, 6), "weights_sha256": c["weights"]["sha256"],
+                **({"validation": {k: c["validation"].get(k) for k in ("dose_score", "dvh_score", "patients")}}
+                   if c.get("validation") else {})}
+               for (_, _, c), w in zip(loaded, (1 - sum(shares),) + shares)]
+    info = {"training_data": card.get("training_data", DEFAULT_TRAINING_DATA), "training": card.get("training", {}),
+            "ensemble": {"networks": members,
+                         "note": "each network's read-out (network units, before the z filter) weighted by its "
+                                 "share; the validation below is the ensemble's own"}}
+    half = all(c["weights"].get("dtype") == "float16" for _, _, c in loaded)  # exact copies of the weights
+    return save_model(Ensemble(net, [m for m, _, _ in rest]), ens, card_path, info, half, overwrite)
 
 
 def uncalibrated_spread(card: dict[str, Any]) -> str | None:

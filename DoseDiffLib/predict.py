@@ -21,7 +21,7 @@ from .config import (BODY_THRESHOLD_HU, HU_MIN_SPAN, HU_NORMALISED_LIMIT, HU_UNR
                      SamplerConfig)
 from .diffusion import Diffusion
 from .errors import Cancelled, DoseDiffError, warn
-from .mmfnet import MMFNet, TwoStage
+from .mmfnet import Ensemble, MMFNet, TwoStage
 from .openkbp import OpenKBPPatient
 from .prescription import PrescriptionMap, map_prescriptions, model_structures, target_levels
 from .rois import BODY, match_rois, plausibility_warnings, unmatched_targets
@@ -278,7 +278,7 @@ def stage1_dose(model: MMFNet, first: ModelConfig, stack: SliceStack, rows: np.n
     return np.where(stack.psdm[:, STACK_ROIS.index(POSSIBLE_DOSE)] > 0, out, -1.0).astype(np.float32)
 
 
-def sample_dose(model: MMFNet | TwoStage, cfg: ModelConfig, stack: SliceStack, rows: np.ndarray,
+def sample_dose(model: MMFNet | TwoStage | Ensemble, cfg: ModelConfig, stack: SliceStack, rows: np.ndarray,
                 sampler: SamplerConfig, seed: int = 0, device: torch.device | str = "cpu",
                 batch_size: int | None = None, progress: Progress | None = None) -> np.ndarray:
     """DDIM samples for some rows of a slice stack, in network units, shape (samples, B, H, W).
@@ -288,9 +288,12 @@ def sample_dose(model: MMFNet | TwoStage, cfg: ModelConfig, stack: SliceStack, r
     `sampler.flip` averages each sample with the sample of the left-right mirrored
     patient (the parotid channels swapped with it), run from the mirrored noise. A
     refiner's stack gets its first stage's dose first, unless it already has one (training),
-    and its output has the card's share (stage1_weight) of that dose averaged in.
+    and its output has the card's share (stage1_weight) of that dose averaged in. An
+    ensemble's is its networks' outputs weighted by their shares.
     """
     rows = np.asarray(rows, np.int64)
+    if cfg.partners:
+        return _ensemble_dose(model, cfg, stack, rows, sampler, seed, device, batch_size, progress)
     if cfg.stage1 is not None and stack.stage1 is None:
         if not isinstance(model, TwoStage):
             raise ValueError("a refiner needs its first stage (a TwoStage model) or a stack with its dose")
@@ -337,6 +340,25 @@ def sample_dose(model: MMFNet | TwoStage, cfg: ModelConfig, stack: SliceStack, r
     w = cfg.diffusion.stage1_weight
     if w:  # two predictors whose errors differ: their average is closer than either (README, refine)
         out = (1 - w) * out + w * stack.stage1[rows][None]
+    return out
+
+
+def _ensemble_dose(model: Ensemble, cfg: ModelConfig, stack: SliceStack, rows: np.ndarray, sampler: SamplerConfig,
+                   seed: int, device: torch.device | str, batch_size: int | None,
+                   progress: Progress | None) -> np.ndarray:
+    """Each network from the same noise, on its own input channels; shares average them in
+    network units, so the z filter and the Gy conversion see one dose, as for one network."""
+    if not isinstance(model, Ensemble):
+        raise ValueError("an ensemble's configuration needs its networks (an Ensemble model)")
+    shares = (1.0 - sum(cfg.diffusion.partner_weights),) + tuple(cfg.diffusion.partner_weights)
+    members = [(model.net, cfg.alone())] + list(zip(model.partners, cfg.partners))
+    out = None
+    for i, ((net, member), share) in enumerate(zip(members, shares)):
+        report = None if progress is None else (
+            lambda done, total, msg, i=i: progress(i * total + done, len(members) * total,
+                                                   f"Network {i + 1}/{len(members)}: {msg}"))
+        x = share * sample_dose(net, member, stack, rows, sampler, seed, device, batch_size, report)
+        out = x if out is None else out + x
     return out
 
 
@@ -423,7 +445,7 @@ def samples_in_gy(x: np.ndarray, inputs: ModelInputs, cfg: ModelConfig, sampler:
                           sampler.z_smoothing_mm, inputs.ct.spacing[2])
 
 
-def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage, cfg: ModelConfig, steps: int | None = None,
+def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage | Ensemble, cfg: ModelConfig, steps: int | None = None,
                  samples: int | None = None, seed: int | None = None, device: torch.device | str = "cpu",
                  batch_size: int | None = None, with_std: bool = False, progress: Progress | None = None,
                  sampler: str | None = None, flip: bool | None = None,
@@ -449,7 +471,7 @@ def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage, cfg: ModelConfig
     std_v = _to_ct_grid(inputs, std) if std is not None else None
     info = {"seed": seed, "sampler": name, "steps": smp.steps, "samples": smp.samples, "flip": smp.flip,
             "z_smoothing_mm": smp.z_smoothing_mm, "timestep_spacing": smp.spacing,
-            "stage1_weight": cfg.diffusion.stage1_weight,
+            "stage1_weight": cfg.diffusion.stage1_weight, "partner_weights": list(cfg.diffusion.partner_weights),
             "slices_predicted": int(len(slices)),
             "device": str(device), "seconds_conditions": round(t1 - t0, 3),
             "seconds_sampling": round(t2 - t1, 3), "matched_rois": inputs.matched,

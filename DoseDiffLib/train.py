@@ -31,7 +31,7 @@ from .errors import DoseDiffError
 from .losses import sorted_dose_l1
 from .evaluate import evaluate_patient
 from .metrics import dvh_score
-from .mmfnet import MMFNet, TwoStage
+from .mmfnet import Ensemble, MMFNet, TwoStage
 from .modelcard import read_card, save_model
 from .plots import save_figure
 from .predict import dose_rows, resolve_sampler, sample_dose, stage1_dose
@@ -120,9 +120,9 @@ class TrainConfig:
             from .modelcard import card_config
 
             first = card_config(read_card(settings["stage1"]))
-            if first.stage1 is not None or (first.norm, first.grid) != (model.norm, model.grid):
-                raise DoseDiffError(f"{settings['stage1']} cannot be a first stage: it is itself a refiner, or it "
-                                    "scales dose or places its grid otherwise than this run's model.",
+            if first.stage1 is not None or first.partners or (first.norm, first.grid) != (model.norm, model.grid):
+                raise DoseDiffError(f"{settings['stage1']} cannot be a first stage: it is itself a refiner or an "
+                                    "ensemble, or it scales dose or places its grid otherwise than this run's model.",
                                     "Give a single model's card with the same dose scale and grid.")
             model = model.with_stage1(first)
         elif settings.get("stage1_jitter"):
@@ -273,6 +273,8 @@ def _warm_start(model: MMFNet, ema: MMFNet, mcfg: ModelConfig, card: Path) -> No
         if cfg.stage1 != mcfg.stage1:
             raise ValueError(f"{card} refines another first stage than this run's")
         trained = trained.net
+    if isinstance(trained, Ensemble):  # an ensemble's card keeps its first network's training record
+        trained, cfg = trained.net, cfg.alone()
     old, new = cfg.weights_dict(), mcfg.weights_dict()
     for d in (old, new):
         d.pop("conditions")

@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from DoseDiffLib.config import ModelConfig
-from DoseDiffLib.mmfnet import MMFNet
+from DoseDiffLib.mmfnet import MMFNet, TwoStage
 from DoseDiffLib.modelcard import load_model
 from DoseDiffLib.phantom import head_and_neck
 from DoseDiffLib.job import Case, Sampling, run_prediction
@@ -142,9 +142,13 @@ def main() -> None:
         runs.append(("paper", MMFNet(cfg.net).eval(), cfg))
     for name, model, cfg in runs:
         batch = batch_size_for(cfg.net, device)
-        nets = [(name, model)] if isinstance(model, MMFNet) else [(f"{name}: stage 1", model.stage1),
-                                                                  (f"{name}: refiner", model.net)]
-        for label, net in nets:  # a predict-and-refine pair runs both networks on every slice
+        if isinstance(model, MMFNet):
+            nets = [(name, model)]
+        elif isinstance(model, TwoStage):
+            nets = [(f"{name}: stage 1", model.stage1), (f"{name}: refiner", model.net)]
+        else:
+            nets = [(f"{name}: network {i + 1}", net) for i, net in enumerate([model.net, *model.partners])]
+        for label, net in nets:  # a refiner pair or an ensemble runs every network on every slice
             flops = flops_per_slice_step(net)
             net.to(device)
             rate = network_rate(net, device, batch)

@@ -213,9 +213,9 @@ class ModelConfig:
     grid: GridConfig = field(default_factory=GridConfig)
     # the first stage of a predict-and-refine pair, whose dose this model reads
     stage1: ModelConfig | None = None
-    # An ensemble: networks read out beside this one on the same inputs, each with its share
-    # of the dose (diffusion.partner_weights; this network keeps the rest). Networks trained
-    # apart err apart, so their average is closer than either (README, "Ensemble").
+    # An ensemble: networks read out beside this one on the same case (each on its own input
+    # channels), each with its share of the dose (diffusion.partner_weights; this network keeps
+    # the rest). Networks trained apart err apart, so their average is closer (README, "Ensembles").
     partners: tuple[ModelConfig, ...] = ()
 
     def __post_init__(self) -> None:

@@ -435,8 +435,6 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _partner(text: str) -> tuple[Path, float]:
-    from .registry import resolve
-
     name, sep, share = text.rpartition("=")
     try:
         value = float(share)
@@ -444,10 +442,7 @@ def _partner(text: str) -> tuple[Path, float]:
         value = float("nan")
     if not sep or not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not CARD=SHARE with a share between 0 and 1")
-    try:
-        return resolve(name), value
-    except DoseDiffError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return model_argument(name), value
 
 
 class _Parser(argparse.ArgumentParser):

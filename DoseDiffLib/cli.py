@@ -691,6 +691,7 @@ _TRAIN_LIMITS: dict[str, tuple] = {
     "grad_clip": (0, None, True), "ema_decay": (0, 1, False, True), "aug_p": (0, 1), "zoom": (0, 1, False, True),
     "shift": (0, 1), "max_rotation_deg": (0, 180), "outside_weight": (0, None), "last_step_fraction": (0, 1),
     "stage1_jitter": (0, 1), "swa_every": (0, None), "swa_start": (0, None),
+    "patient_every": (0, None), "patient_dvh_weight": (0, None),
     "prediction": ("epsilon", "x0", "v"), "loss": ("mse", "l1"), "sampler": ("regression", "ddim"),
 }
 
@@ -758,7 +759,8 @@ def _train_settings(items: list[str]) -> "TrainConfig":
 # objective it was trained with (fine-tuning continues them), and the read-out it was validated
 # with (sampler, mirrored patient, z filter), so the new card is read out and validated alike.
 INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "beam_oars", "middle_blocks", "loss",
-             "outside_weight", "last_step_fraction", "dvh_weight", "flip", "z_smoothing_mm")
+             "outside_weight", "last_step_fraction", "dvh_weight", "patient_every", "patient_dvh_weight", "flip",
+             "z_smoothing_mm")
 
 
 def _inherited_settings(card: dict, known: list[str]) -> dict:

@@ -4,7 +4,9 @@ OpenKBP's DVH score compares, per ROI, dose quantiles (D99, D95, D1 of the targe
 the mean and near-maximum dose of the organs. All of them are functions of the sorted
 doses inside the ROI, so an L1 between the sorted predicted and sorted clinical doses of
 each ROI bounds every one of those errors (the mean error included) and is
-differentiable through the sort.
+differentiable through the sort. On a slice that bound is loose: the score takes its
+quantiles over the whole patient, where a few slices' edges decide D99 and a few voxels
+D0.1cc, so `dvh_metric_l1` scores a whole patient's stack by the score's own cells.
 """
 from __future__ import annotations
 
@@ -32,3 +34,32 @@ def sorted_dose_l1(pred: torch.Tensor, ref: torch.Tensor, rois: torch.Tensor, mi
     if not use.any():
         return pred.sum() * 0.0
     return err[use].mean()
+
+
+def dvh_metric_l1(pred: torch.Tensor, ref: torch.Tensor, rois: torch.Tensor, is_target: torch.Tensor,
+                  hottest: int) -> torch.Tensor:
+    """Mean over the OpenKBP DVH score's cells of |predicted - clinical| for one patient.
+
+    pred, ref (N, 1, H, W): a whole patient's slices; rois (N, R, H, W) boolean; is_target
+    (R,) boolean: D99, D95, D1 for targets, D0.1cc (the `hottest` voxels' percentile, as
+    metrics.roi_dose_metrics takes it) and the mean for organs. Percentiles interpolate
+    linearly, as numpy's do, so the gradient reaches the one or two voxels each cell reads.
+    Empty ROIs have no cells; with none at all the loss is 0 (still a graph node).
+    """
+    cells = []
+    for r in range(rois.shape[1]):
+        m = rois[:, r:r + 1]
+        n = int(m.sum())
+        if n == 0:
+            continue
+        p, c = pred[m], ref[m]
+        if bool(is_target[r]):
+            q = torch.tensor([0.01, 0.05, 0.99], dtype=p.dtype, device=p.device)
+            cells.append((torch.quantile(p, q) - torch.quantile(c, q)).abs())
+        else:
+            q = torch.tensor([1.0 - min(hottest, n) / n], dtype=p.dtype, device=p.device)
+            cells.append((torch.quantile(p, q) - torch.quantile(c, q)).abs())
+            cells.append((p.mean() - c.mean()).abs()[None])
+    if not cells:
+        return pred.sum() * 0.0
+    return torch.cat(cells).mean()

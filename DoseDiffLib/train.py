@@ -9,6 +9,7 @@ trains on its own slices and DDP keeps the weights in sync; only rank 0 validate
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -25,10 +26,10 @@ import torch.nn.functional as F
 
 from . import distributed
 from .conditions import LR_PAIRS, SliceStack, assemble, beam_directions, gather
-from .config import OARS, POSSIBLE_DOSE, PRESETS, ConditionConfig, ModelConfig
+from .config import OARS, POSSIBLE_DOSE, PRESETS, TARGETS, ConditionConfig, ModelConfig
 from .diffusion import Diffusion
 from .errors import DoseDiffError
-from .losses import sorted_dose_l1
+from .losses import dvh_metric_l1, sorted_dose_l1
 from .evaluate import evaluate_patient
 from .metrics import dvh_score
 from .mmfnet import Ensemble, MMFNet, TwoStage
@@ -105,6 +106,8 @@ class TrainConfig:
     init: str = ""                 # model card whose weights start a new run (warm start)
     last_step_fraction: float = 0.0    # slices trained at t = T-1, the one-step sampler's only step
     dvh_weight: float = 0.0        # weight of the per-ROI sorted-dose L1 on the x0 estimate
+    patient_every: int = 0         # > 0: every this many steps, one step on a whole training patient (patient_step)
+    patient_dvh_weight: float = 1.0    # that step's weight of the DVH score's own cells (losses.dvh_metric_l1)
     max_seconds: float = 0.0       # stop (validated, checkpointed) after this much training time; 0 = no limit
     stage1: str = ""               # model card: train a refiner that reads its dose (predict-and-refine)
     stage1_jitter: float = 0.0     # refiner: mean SD of the smooth log-scale field its stage-1 dose is multiplied by
@@ -125,7 +128,11 @@ class TrainConfig:
                                     "ensemble, or it scales dose or places its grid otherwise than this run's model.",
                                     "Give a single model's card with the same dose scale and grid.")
             model = model.with_stage1(first)
-        elif settings.get("stage1_jitter"):
+        if settings.get("patient_every") and model.diffusion.prediction == "epsilon":
+            raise DoseDiffError("patient_every trains the one-step read-out at t = T-1, where an epsilon-predicting "
+                                "network's dose estimate divides by almost zero.",
+                                "Use it with --set prediction=x0 (or v), or drop patient_every.")
+        if settings.get("stage1_jitter") and not settings.get("stage1"):
             raise DoseDiffError("stage1_jitter perturbs a first stage's dose, and this run has no first stage.",
                                 "Add --set stage1=CARD, or drop stage1_jitter.")
         return cls(model=model, **settings)
@@ -379,6 +386,29 @@ def _training_data(cache: Path, init: str | None) -> tuple[str, dict]:
     return describe_cache(index, init_card)
 
 
+def backward_in_chunks(estimate: Callable[[slice], torch.Tensor], n: int, chunk: int,
+                       loss_of: Callable[[torch.Tensor], torch.Tensor],
+                       no_sync: Callable[[], contextlib.AbstractContextManager] | None = None) -> torch.Tensor:
+    """Accumulate the gradient of loss_of(estimate of all n samples) one chunk of samples at a time.
+
+    The loss depends on the weights only through the estimate, so the chain rule splits it:
+    the estimate without a graph, the loss's gradient g with respect to it, then each chunk's
+    estimate again with its graph and the backward of sum(estimate * g). Memory stays that
+    of one chunk; the price is a second forward pass. Under DDP (`no_sync` given) only the
+    last chunk's backward all-reduces. Returns the loss, detached.
+    """
+    parts = [slice(i, i + chunk) for i in range(0, n, chunk)]
+    with torch.no_grad():
+        whole = torch.cat([estimate(c) for c in parts]).requires_grad_()
+    loss = loss_of(whole)
+    (grad,) = torch.autograd.grad(loss, whole)
+    for i, c in enumerate(parts):
+        last = i == len(parts) - 1
+        with contextlib.nullcontext() if last or no_sync is None else no_sync():
+            (estimate(c) * grad[c]).sum().backward()
+    return loss.detach()
+
+
 class TrainLoop:
     """One training run, as guided-diffusion's TrainLoop: set-up (or resume), then steps,
     each followed by the EMA update, and validation (exporting the best model) and
@@ -476,6 +506,53 @@ class TrainLoop:
         self.sched.step()
         return loss, gnorm
 
+    def patient_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimisation step on every cached slice of one random training patient, at t = T-1
+        (the default sampler's only step): the voxel loss plus `patient_dvh_weight` x the DVH
+        score's own cells over the whole patient (dvh_metric_l1), which no batch of random
+        slices can see; memory stays that of one batch (backward_in_chunks)."""
+        tcfg, mcfg, device, g = self.tcfg, self.mcfg, self.device, self.g
+        p = int(torch.randint(0, len(self.data.entries), (1,), generator=g))
+        arrays, entry = self.data.arrays[p], self.data.entries[p]
+        rows = np.arange(len(entry["slices"]))
+        ct, ps, ps_ctx = gather(arrays["ct"], arrays["psdm"], rows, mcfg, self.data.stage1[p])
+        dose = torch.from_numpy(np.asarray(arrays["dose"], np.float32))[:, None]
+        ct, ps, ps_ctx, dose = (x.to(device) for x in (ct, ps, ps_ctx, dose))
+        # each slice turns on its own, dose and ROIs with it, so every ROI's dose distribution stays its own
+        ct, ps, dose, ps_ctx, beams = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(rows)))
+        if mcfg.stage1 is not None:
+            ct = jitter_stage1(ct, 1 + len(mcfg.conditions.context_offsets), tcfg.stage1_jitter, g)
+        ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams)
+        ct = ct.contiguous(memory_format=torch.channels_last)
+        cond = cond.contiguous(memory_format=torch.channels_last)
+        t = torch.full((len(rows),), self.diffusion.T - 1, device=device)
+        x_t = self.diffusion.q_sample(dose, t, torch.randn(dose.shape, generator=g).to(device))
+        estimate = lambda c: self.diffusion.split(self.net(x_t[c], t[c], ct[c], cond[c]).float(),  # noqa: E731
+                                                  x_t[c], t[c])[0]
+        inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None]
+        weight = torch.where(inside, 1.0, tcfg.outside_weight)
+        names = mcfg.conditions.rois
+        rois = ps[:, [CACHE_ROIS.index(r) for r in names]] > 0
+        is_target = torch.tensor([r in TARGETS for r in names])
+        hottest = max(1, round(100.0 / float(np.prod(entry["spacing"]))))
+
+        def loss_of(x0: torch.Tensor) -> torch.Tensor:
+            err = (x0 - dose).abs() if tcfg.loss == "l1" else (x0 - dose) ** 2
+            voxels = (err * weight).sum() / weight.sum().clamp_min(1e-12)
+            return voxels + tcfg.patient_dvh_weight * dvh_metric_l1(x0, dose, rois, is_target, hottest)
+
+        self.opt.zero_grad(set_to_none=True)
+        loss = backward_in_chunks(estimate, len(rows), tcfg.batch_size, loss_of, getattr(self.net, "no_sync", None))
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        if not torch.isfinite(gnorm):
+            raise DoseDiffError(f"Training diverged at step {self.state['step'] + 1} (a whole-patient step): loss "
+                                f"{loss:.3g}, gradients not finite; {self.ckpt.name} keeps the last good "
+                                "checkpoint, no model was exported.",
+                                f"Start a new run folder with a lower lr (now {tcfg.lr:g}), or check the cache.")
+        self.opt.step()
+        self.sched.step()
+        return loss, gnorm
+
     @torch.no_grad()
     def update_ema(self) -> None:
         """Move the EMA towards the weights; early on the average must not be dominated by the initialisation."""
@@ -555,7 +632,8 @@ class TrainLoop:
         """Train to tcfg.steps (or the time budget, or stop()); returns the best model card's path."""
         tcfg = self.tcfg
         while self.state["step"] < tcfg.steps:
-            loss, gnorm = self.step()
+            whole = tcfg.patient_every > 0 and (self.state["step"] + 1) % tcfg.patient_every == 0
+            loss, gnorm = self.patient_step() if whole else self.step()
             self.update_ema()
             self.state["step"] += 1
             self.update_swa()

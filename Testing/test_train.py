@@ -591,3 +591,93 @@ def test_swa_exports_the_uniform_average_of_the_weights_at_its_steps_and_resumes
     card = json.loads((run / "best.json").read_text())
     assert card["training"]["selection"].startswith("uniform average of the weights at 2 steps")
     assert card["training"]["recipe"]["swa_every"] == 2
+
+
+def test_the_dvh_loss_of_a_patient_is_the_mean_of_the_openkbp_dvh_cells():
+    from DoseDiffLib.losses import dvh_metric_l1
+    from DoseDiffLib.metrics import dvh_errors, dvh_metrics
+
+    rng = np.random.default_rng(3)
+    n, h, w = 6, 20, 24
+    names = ("Brainstem", "Larynx", "PTV70", "PTV56", "Mandible")  # Mandible left empty: it has no cells
+    rois = np.zeros((n, len(names), h, w), bool)
+    rois[1:5, 0, 3:9, 4:10] = True
+    rois[2:4, 1, 10:12, 5:8] = True           # 12 voxels: D0.1cc reads its 3 hottest at 2 x 2 x 6 mm
+    rois[0:6, 2, 8:16, 12:20] = True
+    rois[1:6, 3, 6:18, 10:22] = True          # overlaps PTV70, as OpenKBP's PTV56 does
+    ref = rng.uniform(0, 75, (n, 1, h, w))
+    pred = ref + rng.normal(0, 4, ref.shape)
+    spacing = (2.0, 2.0, 6.0)                 # 24 mm3 a voxel: 0.1 cc is round(100 / 24) = 4 voxels
+    masks = {r: rois[:, i] for i, r in enumerate(names)}
+    targets = [r for r in names if r.startswith("PTV")]
+    oars = [r for r in names if not r.startswith("PTV")]
+    cells = dvh_errors(dvh_metrics(ref[:, 0], masks, 24.0, targets, oars),
+                       dvh_metrics(pred[:, 0], masks, 24.0, targets, oars))
+    assert len(cells) == 2 * 2 + 2 * 3        # the empty Mandible adds none
+    got = dvh_metric_l1(torch.tensor(pred), torch.tensor(ref), torch.from_numpy(rois),
+                        torch.tensor([r.startswith("PTV") for r in names]), hottest=round(100 / np.prod(spacing)))
+    assert got.item() == pytest.approx(np.mean(list(cells.values())), rel=1e-9)
+
+
+def test_the_dvh_loss_pulls_only_the_voxels_its_cells_read():
+    from DoseDiffLib.losses import dvh_metric_l1
+
+    ref = torch.arange(200, dtype=torch.float64).reshape(2, 1, 10, 10) / 10
+    pred = (ref + 1.0).requires_grad_()       # every quantile 1 too high
+    rois = torch.ones(2, 1, 10, 10, dtype=torch.bool)
+    dvh_metric_l1(pred, ref, rois, torch.tensor([True]), hottest=1).backward()
+    g = pred.grad.flatten()
+    # D99, D95 and D1 of 200 sorted values sit between ranks (1, 2), (9, 10) and (197, 198)
+    assert set(torch.nonzero(g).flatten().tolist()) == {1, 2, 9, 10, 197, 198}
+    assert g.sum().item() == pytest.approx(1.0)  # three cells, each of slope 1, averaged
+    empty = torch.zeros_like(rois)
+    zero = dvh_metric_l1(pred, ref, empty, torch.tensor([True]), hottest=1)
+    assert zero.item() == 0 and zero.requires_grad
+
+
+def test_gradients_accumulated_a_chunk_at_a_time_equal_those_of_the_whole_graph():
+    from DoseDiffLib.losses import dvh_metric_l1
+    from DoseDiffLib.train import backward_in_chunks
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.SiLU(),
+                              torch.nn.Conv2d(4, 1, 3, padding=1)).double()
+    x = torch.randn(7, 2, 12, 12, dtype=torch.float64)
+    ref = torch.randn(7, 1, 12, 12, dtype=torch.float64)
+    rois = torch.rand(7, 2, 12, 12) > 0.6
+
+    def loss_of(y):
+        return (y - ref).abs().mean() + dvh_metric_l1(y, ref, rois, torch.tensor([True, False]), hottest=3)
+
+    whole = loss_of(net(x))
+    want = torch.autograd.grad(whole, list(net.parameters()))
+    net.zero_grad()
+    got = backward_in_chunks(lambda c: net(x[c]), 7, 3, loss_of)   # chunks of 3, 3 and 1
+    assert got.item() == pytest.approx(whole.item(), rel=1e-12) and not got.requires_grad
+    for p, w in zip(net.parameters(), want):
+        assert torch.allclose(p.grad, w, rtol=1e-9, atol=1e-12)
+
+
+def test_whole_patient_steps_train_resume_and_are_refused_for_epsilon_networks(tmp_path):
+    from DoseDiffLib.train import train
+
+    cache = make_cache(tmp_path, slices=5)
+    common = dict(preset="test", prediction="x0", steps=4, batch_size=2, val_every=0, sampler="regression",
+                  checkpoint_every=1, threads=1, lr=1e-2, patient_every=2, loss="l1")
+    train(cache, tmp_path / "a", TrainConfig.from_settings(**common), torch.device("cpu"))
+    train(cache, tmp_path / "b", TrainConfig.from_settings(**common), torch.device("cpu"), stop=lambda: True)
+    train(cache, tmp_path / "b", TrainConfig.from_settings(**common), torch.device("cpu"))
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], atol=1e-6), k
+    assert a["train_config"]["patient_every"] == 2
+    train(cache, tmp_path / "c", TrainConfig.from_settings(**{**common, "patient_every": 0}), torch.device("cpu"))
+    c = torch.load(tmp_path / "c" / "checkpoint.pt", weights_only=True)
+    assert any(not torch.allclose(a["model"][k], c["model"][k]) for k in a["model"])
+    # another DVH weight is another recipe: the checkpoint does not resume it
+    with pytest.raises(DoseDiffError, match="patient_dvh_weight"):
+        train(cache, tmp_path / "b", TrainConfig.from_settings(**{**common, "steps": 6, "patient_dvh_weight": 2.0}),
+              torch.device("cpu"))
+    with pytest.raises(DoseDiffError, match="epsilon"):
+        TrainConfig.from_settings(**{**common, "prediction": "epsilon"})

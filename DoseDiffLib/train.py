@@ -472,20 +472,26 @@ class TrainLoop:
     def seconds(self) -> float:
         return time.time() - self.t_start
 
+    def inputs(self, ct: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor,
+               dose: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Augmented slices as the network reads them: (ct, conditions, PSDMs, dose, voxel weight of the loss)."""
+        tcfg, mcfg, g = self.tcfg, self.mcfg, self.g
+        ct, ps, dose, ps_ctx, beams = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(ct)))
+        if mcfg.stage1 is not None:
+            ct = jitter_stage1(ct, 1 + len(mcfg.conditions.context_offsets), tcfg.stage1_jitter, g)
+        ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams)
+        inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None]
+        weight = torch.where(inside, 1.0, tcfg.outside_weight)
+        return (ct.contiguous(memory_format=torch.channels_last), cond.contiguous(memory_format=torch.channels_last),
+                ps, dose, weight)
+
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step on a random batch; returns (loss, gradient norm)."""
         tcfg, mcfg, device, g = self.tcfg, self.mcfg, self.device, self.g
         idx = torch.randint(0, len(self.data), (tcfg.batch_size,), generator=g).numpy()
         # augmentation and channels on the training device: on a GPU the CPU only gathers slices
         ct, ps, ps_ctx, dose = (x.to(device, non_blocking=True) for x in self.data.batch(idx, mcfg))
-        ct, ps, dose, ps_ctx, beams = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(idx)))
-        if mcfg.stage1 is not None:
-            ct = jitter_stage1(ct, 1 + len(mcfg.conditions.context_offsets), tcfg.stage1_jitter, g)
-        ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams)
-        ct = ct.contiguous(memory_format=torch.channels_last)
-        cond = cond.contiguous(memory_format=torch.channels_last)
-        inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None]
-        weight = torch.where(inside, 1.0, tcfg.outside_weight)
+        ct, cond, ps, dose, weight = self.inputs(ct, ps, ps_ctx, dose)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
         with autocast:
@@ -519,18 +525,11 @@ class TrainLoop:
         dose = torch.from_numpy(np.asarray(arrays["dose"], np.float32))[:, None]
         ct, ps, ps_ctx, dose = (x.to(device) for x in (ct, ps, ps_ctx, dose))
         # each slice turns on its own, dose and ROIs with it, so every ROI's dose distribution stays its own
-        ct, ps, dose, ps_ctx, beams = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(rows)))
-        if mcfg.stage1 is not None:
-            ct = jitter_stage1(ct, 1 + len(mcfg.conditions.context_offsets), tcfg.stage1_jitter, g)
-        ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams)
-        ct = ct.contiguous(memory_format=torch.channels_last)
-        cond = cond.contiguous(memory_format=torch.channels_last)
+        ct, cond, ps, dose, weight = self.inputs(ct, ps, ps_ctx, dose)
         t = torch.full((len(rows),), self.diffusion.T - 1, device=device)
         x_t = self.diffusion.q_sample(dose, t, torch.randn(dose.shape, generator=g).to(device))
         estimate = lambda c: self.diffusion.split(self.net(x_t[c], t[c], ct[c], cond[c]).float(),  # noqa: E731
                                                   x_t[c], t[c])[0]
-        inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None]
-        weight = torch.where(inside, 1.0, tcfg.outside_weight)
         names = mcfg.conditions.rois
         rois = ps[:, [CACHE_ROIS.index(r) for r in names]] > 0
         is_target = torch.tensor([r in TARGETS for r in names])

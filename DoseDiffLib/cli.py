@@ -67,7 +67,7 @@ DOSE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
 def _add_sampler(p) -> None:
-    from .config import SAMPLERS
+    from .config import PRECISIONS, SAMPLERS
 
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="regression (one call per view, fastest) or ddim (the paper's 8 steps, 4 samples, mirrored); "
@@ -79,13 +79,16 @@ def _add_sampler(p) -> None:
     p.add_argument("--z-smoothing", type=float, default=None, metavar="MM",
                    help="Gaussian SD along z applied outside the targets to the slice-by-slice prediction "
                         "(0 turns it off); default: the model card's")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                   help="the network's arithmetic: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), "
+                        "fp32 or bf16")
 
 
 def _sampling(args, seed: int | None, device) -> "Sampling":
     from .job import Sampling
 
     return Sampling(args.sampler, args.steps, args.samples, args.flip, seed, device,
-                    getattr(args, "batch_size", None), args.z_smoothing)
+                    getattr(args, "batch_size", None), args.z_smoothing, args.precision)
 
 
 def _add_predict(sub) -> None:
@@ -379,7 +382,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     dose_overlay(ct.array, pred.dose.array, roi_masks, ct.spacing, out / "dose_overlay.png",
                  f"DoseDiff predicted dose, {title} (research and planning guidance only)", overwrite=args.overwrite)
     print(f"DoseDiff {card['name']} on the {title}: {pred.info['slices_predicted']} slices, "
-          f"{pred.info['seconds_sampling']:.1f} s sampling ({pred.info['steps']} DDIM step{'s' if pred.info['steps'] != 1 else ''}) on {pred.info['device']} "
+          f"{pred.info['seconds_sampling']:.1f} s sampling ({pred.info['steps']} DDIM step{'s' if pred.info['steps'] != 1 else ''}) on {pred.info['device']}, "
+          f"{pred.info['precision']} "
           f"(seed {pred.info['seed']})")
     print("Research and planning guidance only: not a treatment planning system dose calculation.")
     for line in plan_summary(pred.dose.array, roi_masks, ct.grid.voxel_volume_mm3()):

@@ -178,6 +178,10 @@ SAMPLERS: dict[str, SamplerConfig] = {
 }
 
 
+# the network's arithmetic (runtime.network_dtype): auto picks bf16 where it is native
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 @dataclass(frozen=True)
 class DiffusionConfig:
     timesteps: int = 1000

@@ -70,6 +70,7 @@ class Sampling:
     device: "torch.device | str" = "cpu"
     batch_size: int | None = None
     z_smoothing_mm: float | None = None
+    precision: str = "auto"            # the network's: auto | fp32 | bf16 (runtime.network_dtype)
 
     def choice(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "steps": self.steps, "samples": self.samples, "flip": self.flip,
@@ -117,7 +118,8 @@ def run_prediction(case: Case, loaded: Loaded, outputs: Outputs = Outputs(), sam
                                       case.dicom.prescriptions if case.dicom is not None else None)
     tell(inputs.warnings)
     pred = predict.predict_case(inputs, model, cfg, **sampling.choice(), seed=sampling.seed, device=sampling.device,
-                                batch_size=sampling.batch_size, with_std=outputs.std is not None, progress=progress)
+                                batch_size=sampling.batch_size, with_std=outputs.std is not None, progress=progress,
+                                precision=sampling.precision)
     written: dict[str, Path] = {}
     if outputs.rtdose_folder is not None:
         from .dicomrt import write_rtdose
@@ -153,7 +155,8 @@ def predict_openkbp_split(folders: list[Path], out: Path, loaded: Loaded, sampli
         pred, _ = run_prediction(read_case(openkbp_patient=folder), loaded, Outputs((target,), overwrite=overwrite),
                                  sampling)
         timings[folder.name] = {"seconds": round(time.perf_counter() - t0, 2), "device": str(sampling.device),
-                                "threads": torch.get_num_threads(), "sampler": pred.info["sampler"],
+                                "threads": torch.get_num_threads(), "precision": pred.info["precision"],
+                                "sampler": pred.info["sampler"],
                                 "steps": pred.info["steps"], "samples": pred.info["samples"],
                                 "flip": pred.info["flip"], "z_smoothing_mm": pred.info["z_smoothing_mm"],
                                 "slices": pred.info["slices_predicted"]}

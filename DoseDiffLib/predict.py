@@ -25,7 +25,7 @@ from .mmfnet import Ensemble, MMFNet, TwoStage
 from .openkbp import OpenKBPPatient
 from .prescription import PrescriptionMap, map_prescriptions, model_structures, target_levels
 from .rois import BODY, match_rois, plausibility_warnings, unmatched_targets
-from .runtime import batch_size_for
+from .runtime import batch_size_for, network_dtype
 from .volume import IDENTITY, Grid, Volume, resample, resample_mask, to_axial
 
 
@@ -257,30 +257,32 @@ def prepare_openkbp(patient: OpenKBPPatient, cfg: ModelConfig) -> ModelInputs:
     return ModelInputs(patient.ct, masks, patient.ct.grid, patient.possible_dose.array, False, matched, warnings)
 
 
-def _network(model: MMFNet, device: torch.device, x, t, ct, cond) -> torch.Tensor:
-    """One network call; bf16 autocast on CUDA (the sampler's arithmetic stays fp32)."""
-    if device.type == "cuda":
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+def _network(model: MMFNet, device: torch.device, dtype: torch.dtype, x, t, ct, cond) -> torch.Tensor:
+    """One network call, autocast to `dtype` unless fp32 (the sampler's arithmetic stays fp32)."""
+    if dtype != torch.float32:
+        with torch.autocast(device.type, dtype=dtype):
             return model(x, t, ct, cond).float()
     return model(x, t, ct, cond)
 
 
 def stage1_dose(model: MMFNet, first: ModelConfig, stack: SliceStack, rows: np.ndarray, offsets: tuple[int, ...],
                 seed: int, device: torch.device | str, batch_size: int | None,
-                progress: Progress | None) -> np.ndarray:
+                progress: Progress | None, precision: str = "auto") -> np.ndarray:
     """(N, H, W) a first stage's dose, by its own card's sampler, on the rows given and their
     neighbours at `offsets`; -1 (0 Gy) elsewhere and wherever no dose is possible, as in training."""
     need = np.unique(np.concatenate([rows, neighbours(len(stack.slices), rows, offsets).ravel()]))
     _, smp = resolve_sampler(first)
     report = None if progress is None else (lambda i, n, msg: progress(i, n, f"Stage 1: {msg}"))
     out = np.full(stack.ct.shape, -1.0, np.float32)
-    out[need] = sample_dose(model, first, stack, need, smp, seed, device, batch_size, report).mean(0)
+    out[need] = sample_dose(model, first, stack, need, smp, seed, device, batch_size, report,
+                            precision).mean(0)
     return np.where(stack.psdm[:, STACK_ROIS.index(POSSIBLE_DOSE)] > 0, out, -1.0).astype(np.float32)
 
 
 def sample_dose(model: MMFNet | TwoStage | Ensemble, cfg: ModelConfig, stack: SliceStack, rows: np.ndarray,
                 sampler: SamplerConfig, seed: int = 0, device: torch.device | str = "cpu",
-                batch_size: int | None = None, progress: Progress | None = None) -> np.ndarray:
+                batch_size: int | None = None, progress: Progress | None = None,
+                precision: str = "auto") -> np.ndarray:
     """DDIM samples for some rows of a slice stack, in network units, shape (samples, B, H, W).
 
     Each sample's noise is drawn for the whole volume at once from seed + sample index,
@@ -289,20 +291,22 @@ def sample_dose(model: MMFNet | TwoStage | Ensemble, cfg: ModelConfig, stack: Sl
     patient (the parotid channels swapped with it), run from the mirrored noise. A
     refiner's stack gets its first stage's dose first, unless it already has one (training),
     and its output has the card's share (stage1_weight) of that dose averaged in. An
-    ensemble's is its networks' outputs weighted by their shares.
+    ensemble's is its networks' outputs weighted by their shares. `precision` is the
+    network's (runtime.network_dtype).
     """
     rows = np.asarray(rows, np.int64)
     if cfg.partners:
-        return _ensemble_dose(model, cfg, stack, rows, sampler, seed, device, batch_size, progress)
+        return _ensemble_dose(model, cfg, stack, rows, sampler, seed, device, batch_size, progress, precision)
     if cfg.stage1 is not None and stack.stage1 is None:
         if not isinstance(model, TwoStage):
             raise ValueError("a refiner needs its first stage (a TwoStage model) or a stack with its dose")
         stack = replace(stack, stage1=stage1_dose(model.stage1, cfg.stage1, stack, rows, cfg.conditions.context_offsets,
-                                                  seed, device, batch_size, progress))
+                                                  seed, device, batch_size, progress, precision))
     device = torch.device(device)
+    amp = network_dtype(device, precision)
     diffusion = Diffusion(cfg.diffusion)
     n, h, w = stack.ct.shape
-    batch = batch_size or batch_size_for(cfg.net, device)
+    batch = batch_size or batch_size_for(cfg.net, device, dtype=amp)
     out = np.full((sampler.samples, len(rows), h, w), -1.0, np.float32)
     views = 2 if sampler.flip else 1
     total, done = sampler.samples * views * -(-len(rows) // batch) * sampler.steps, 0
@@ -330,7 +334,7 @@ def sample_dose(model: MMFNet | TwoStage | Ensemble, cfg: ModelConfig, stack: Sl
                         c, k, x_T = c[:, perm_ct].flip(-1), k[:, perm_cond].flip(-1), x_T.flip(-1)
                     c = c.to(device, param_dtype, memory_format=torch.channels_last)
                     k = k.to(device, param_dtype, memory_format=torch.channels_last)
-                    x = diffusion.ddim_sample(lambda x, t: _network(model, device, x, t, c, k), x_T.shape,
+                    x = diffusion.ddim_sample(lambda x, t: _network(model, device, amp, x, t, c, k), x_T.shape,
                                               steps=sampler.steps, eta=sampler.eta, generator=g, device=device,
                                               dtype=param_dtype, x_T=x_T, spacing=sampler.spacing,
                                               on_step=tick)[:, 0].float().cpu()
@@ -345,7 +349,7 @@ def sample_dose(model: MMFNet | TwoStage | Ensemble, cfg: ModelConfig, stack: Sl
 
 def _ensemble_dose(model: Ensemble, cfg: ModelConfig, stack: SliceStack, rows: np.ndarray, sampler: SamplerConfig,
                    seed: int, device: torch.device | str, batch_size: int | None,
-                   progress: Progress | None) -> np.ndarray:
+                   progress: Progress | None, precision: str) -> np.ndarray:
     """Each network from the same noise, on its own input channels; shares average them in
     network units, so the z filter and the Gy conversion see one dose, as for one network."""
     if not isinstance(model, Ensemble):
@@ -357,7 +361,7 @@ def _ensemble_dose(model: Ensemble, cfg: ModelConfig, stack: SliceStack, rows: n
         report = None if progress is None else (
             lambda done, total, msg, i=i: progress(i * total + done, len(members) * total,
                                                    f"Network {i + 1}/{len(members)}: {msg}"))
-        x = share * sample_dose(net, member, stack, rows, sampler, seed, device, batch_size, report)
+        x = share * sample_dose(net, member, stack, rows, sampler, seed, device, batch_size, report, precision)
         out = x if out is None else out + x
     return out
 
@@ -449,8 +453,9 @@ def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage | Ensemble, cfg: 
                  samples: int | None = None, seed: int | None = None, device: torch.device | str = "cpu",
                  batch_size: int | None = None, with_std: bool = False, progress: Progress | None = None,
                  sampler: str | None = None, flip: bool | None = None,
-                 z_smoothing_mm: float | None = None) -> Prediction:
+                 z_smoothing_mm: float | None = None, precision: str = "auto") -> Prediction:
     name, smp = resolve_sampler(cfg, sampler, steps, samples, flip, z_smoothing_mm)
+    dtype = network_dtype(torch.device(device), precision)  # a wrong choice fails before any work
     if batch_size is not None and batch_size < 1:
         raise DoseDiffError(f"The batch size must be at least 1 (got {batch_size}).")
     if seed is None:
@@ -462,7 +467,8 @@ def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage | Ensemble, cfg: 
     slices = stack.slices[rows]
     t1 = time.perf_counter()
     x = np.full((smp.samples,) + pdm.shape, -1.0, np.float32)
-    x[:, slices] = sample_dose(model, cfg, stack, rows, smp, seed, device, batch_size, progress=progress)
+    x[:, slices] = sample_dose(model, cfg, stack, rows, smp, seed, device, batch_size, progress=progress,
+                                   precision=precision)
     t2 = time.perf_counter()
     gy = samples_in_gy(x, inputs, cfg, smp, slices)
     mean = gy.mean(0)
@@ -473,7 +479,8 @@ def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage | Ensemble, cfg: 
             "z_smoothing_mm": smp.z_smoothing_mm, "timestep_spacing": smp.spacing,
             "stage1_weight": cfg.diffusion.stage1_weight, "partner_weights": list(cfg.diffusion.partner_weights),
             "slices_predicted": int(len(slices)),
-            "device": str(device), "seconds_conditions": round(t1 - t0, 3),
+            "device": str(device), "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+            "seconds_conditions": round(t1 - t0, 3),
             "seconds_sampling": round(t2 - t1, 3), "matched_rois": inputs.matched,
             "warnings": list(inputs.warnings), "model_grid_spacing_mm": list(inputs.ct.spacing),
             "prescription": inputs.prescription.describe() if inputs.prescription else "targets matched by name",

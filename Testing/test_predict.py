@@ -34,10 +34,12 @@ def test_dose_is_on_the_ct_grid_in_gy_and_zero_outside_the_body(model, phantom):
 
 
 def test_same_seed_same_dose_and_batch_size_does_not_matter(model, phantom):
+    # fp32: bf16 kernels round differently for other batch shapes, and this random network
+    # amplifies rounding (test_bf16_... bounds the bundled model's bf16 difference)
     ct, masks = phantom
-    _, a = run(model, ct, masks, batch_size=1)
-    _, b = run(model, ct, masks, batch_size=7)
-    _, c = run(model, ct, masks, seed=4)
+    _, a = run(model, ct, masks, batch_size=1, precision="fp32")
+    _, b = run(model, ct, masks, batch_size=7, precision="fp32")
+    _, c = run(model, ct, masks, seed=4, precision="fp32")
     np.testing.assert_allclose(a.dose.array, b.dose.array, atol=1e-2)  # float rounding of other batch shapes
     assert np.abs(a.dose.array - c.dose.array).max() > 1e-3
 
@@ -166,10 +168,10 @@ def test_slices_far_from_every_target_are_skipped_without_changing_the_rest(mode
     full_margin = P.TARGET_SLAB_MARGIN_MM
     try:
         P.TARGET_SLAB_MARGIN_MM = 1e9
-        everything = predict_case(inputs, net, cfg, steps=2, seed=1)
+        everything = predict_case(inputs, net, cfg, steps=2, seed=1, precision="fp32")  # as the test above
     finally:
         P.TARGET_SLAB_MARGIN_MM = full_margin
-    skipped = predict_case(inputs, net, cfg, steps=2, seed=1)
+    skipped = predict_case(inputs, net, cfg, steps=2, seed=1, precision="fp32")
     on_kept = np.zeros(120, bool)
     on_kept[kept] = True
     np.testing.assert_allclose(skipped.dose.array[on_kept], everything.dose.array[on_kept], atol=1e-2)
@@ -296,3 +298,47 @@ def test_z_smoothing_comes_from_the_card_can_be_overridden_and_spares_the_target
     np.testing.assert_array_equal(smooth.dose.array[inner], plain.dose.array[inner])
     assert np.abs(smooth.dose.array - plain.dose.array)[~targets].max() > 0.01
     assert not smooth.dose.array[masks["BODY"].array == 0].any()
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_on_cuda_and_on_cpus_that_have_it_fp32_elsewhere(monkeypatch, native):
+    from DoseDiffLib import runtime
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    cpu, cuda, mps = torch.device("cpu"), torch.device("cuda"), torch.device("mps")
+    assert runtime.network_dtype(cpu) == (torch.bfloat16 if native else torch.float32)
+    assert runtime.network_dtype(cuda) == torch.bfloat16 and runtime.network_dtype(mps) == torch.float32
+    for device in (cpu, cuda, mps):
+        assert runtime.network_dtype(device, "fp32") == torch.float32
+    assert runtime.network_dtype(cpu, "bf16") == torch.bfloat16  # asked for: slower without native bf16
+    for device, bad in ((mps, "bf16"), (cpu, "fp16"), (cpu, "half")):
+        with pytest.raises(DoseDiffError, match="precision|MPS"):
+            runtime.network_dtype(device, bad)
+
+
+def test_precision_reaches_the_network_and_is_reported(model, phantom, monkeypatch):
+    from DoseDiffLib import runtime
+
+    ct, masks = phantom
+    _, fp32 = run(model, ct, masks, precision="fp32")
+    _, bf16 = run(model, ct, masks, precision="bf16")
+    assert (fp32.info["precision"], bf16.info["precision"]) == ("fp32", "bf16")
+    assert np.abs(fp32.dose.array - bf16.dose.array).max() > 1e-3  # bf16 rounding changed the dose
+    monkeypatch.setattr(runtime, "native_bf16_cpu", lambda: False)
+    _, auto = run(model, ct, masks)
+    assert auto.info["precision"] == "fp32"
+    np.testing.assert_array_equal(auto.dose.array, fp32.dose.array)
+    with pytest.raises(DoseDiffError, match="Unknown precision"):
+        run(model, ct, masks, precision="fp64")
+
+
+def test_cpu_batches_hold_4_slices_in_fp32_and_16_in_bf16_memory_permitting(monkeypatch):
+    from DoseDiffLib import runtime
+    from DoseDiffLib.config import ModelConfig
+
+    net, cpu = ModelConfig.preset("tiny").net, torch.device("cpu")
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda _d: 8 << 30)
+    assert runtime.batch_size_for(net, cpu) == 4 and runtime.batch_size_for(net, cpu, dtype=torch.bfloat16) == 16
+    monkeypatch.setattr(runtime, "available_memory_bytes", lambda _d: 6 * runtime.activation_bytes_per_slice(net))
+    assert runtime.batch_size_for(net, cpu, dtype=torch.bfloat16) == 3  # half the free memory

@@ -5,7 +5,8 @@ clinical 512 x 512 x 200 grid.
     python bench/bench_inference.py [--model CARD] [--presets tiny small] [--clinical] [--openkbp PT_FOLDER]
 
 With --openkbp it also times the whole `dosediff predict` process (imports, model load,
-CSV reading, prediction, writing) on that patient for each sampler.
+CSV reading, prediction, writing) on that patient for each sampler, in fp32 and at
+--precision auto (bf16 where the CPU has it natively), side by side in one run.
 
 Prints figures; asserts nothing. On CUDA it also runs the paper preset at batch 64.
 """
@@ -27,7 +28,7 @@ from DoseDiffLib.mmfnet import MMFNet, TwoStage
 from DoseDiffLib.modelcard import load_model
 from DoseDiffLib.phantom import head_and_neck
 from DoseDiffLib.job import Case, Sampling, run_prediction
-from DoseDiffLib.runtime import batch_size_for, choose_device
+from DoseDiffLib.runtime import batch_size_for, choose_device, native_bf16_cpu, network_dtype
 
 
 def peak_rss_mb() -> float:
@@ -57,15 +58,23 @@ def flops_per_slice_step(model: MMFNet) -> float:
     return float(counter.get_total_flops())
 
 
-def network_rate(model: MMFNet, device: torch.device, batch: int, repeats: int = 3) -> float:
-    """Slice-steps per second of the bare network at this batch size."""
+def cpu_flags() -> str:
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    shown = [k for k in ("avx2", "avx512_f", "avx512_bf16", "amx_bf16") if caps.get(k)]
+    return f"CPU {caps.get('cpu_name', '?')}: {', '.join(shown) or 'no AVX2'}; native bf16: {native_bf16_cpu()}"
+
+
+def network_rate(model: MMFNet, device: torch.device, batch: int, repeats: int = 3,
+                 dtype: torch.dtype = torch.float32) -> float:
+    """Slice-steps per second of the bare network at this batch size, autocast to `dtype`."""
     cfg = model.cfg
     s = cfg.image_size
     model.to(device, memory_format=torch.channels_last)  # as predict.sample_dose runs it
     cond = torch.randn(batch, cfg.cond_channels, s, s, device=device).to(memory_format=torch.channels_last)
     args = (torch.randn(batch, 1, s, s, device=device), torch.full((batch,), 500, device=device),
             torch.randn(batch, cfg.ct_channels, s, s, device=device), cond)
-    with torch.inference_mode():
+    amp = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    with torch.inference_mode(), amp:
         model(*args)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -127,6 +136,8 @@ def main() -> None:
     device = choose_device(args.device)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
+    print(cpu_flags())
+    auto = {torch.float32: "fp32", torch.bfloat16: "bf16"}[network_dtype(device)]
     peak = matmul_peak(device)
     print(f"fp32 matmul peak (2048^2): {peak / 1e9:.0f} GFLOP/s")
     runs = []
@@ -153,12 +164,18 @@ def main() -> None:
             net.to(device)
             rate = network_rate(net, device, batch)
             print(f"\n[{label}] {flops / 1e9:.2f} GFLOP per slice-step; batch {batch}: {rate:.1f} slice-steps/s, "
-                  f"{rate * flops / 1e9:.0f} GFLOP/s = {100 * rate * flops / peak:.0f} % of the matmul peak")
+                  f"{rate * flops / 1e9:.0f} GFLOP/s = {100 * rate * flops / peak:.0f} % of the fp32 matmul peak")
+            if device.type != "mps":
+                bf_batch = batch_size_for(cfg.net, device, dtype=torch.bfloat16)
+                for b in sorted({batch, bf_batch}):
+                    bf = network_rate(net, device, b, dtype=torch.bfloat16)
+                    print(f"  bf16 autocast, batch {b}: {bf:.1f} slice-steps/s, {bf / rate:.2f} x fp32 at batch {batch}")
         model.to(device)
         for label, argv in SAMPLERS.items():
             for n in args.slices:
                 total, info = time_volume(model, cfg, device, n, sampler_kwargs(argv))
-                print(f"  {n:3d} slices ({info['slices_predicted']} with dose possible), {label}: {total:6.1f} s "
+                print(f"  {n:3d} slices ({info['slices_predicted']} with dose possible), {label}, "
+                      f"{info['precision']}: {total:6.1f} s "
                       f"(conditions {info['seconds_conditions']:.1f} s, sampling {info['seconds_sampling']:.1f} s), "
                       f"peak RSS {peak_rss_mb():.0f} MB")
             if args.clinical:
@@ -168,7 +185,12 @@ def main() -> None:
     if args.openkbp and args.model:
         print(f"\nwhole `dosediff predict` process on {args.openkbp.name} (imports, model, CSV in and out):")
         for label, argv in SAMPLERS.items():
-            print(f"  {label}: {time_process(args.model, args.openkbp, args.device, argv):.1f} s")
+            fp32 = time_process(args.model, args.openkbp, args.device, argv + ["--precision", "fp32"])
+            line = f"  {label}: fp32 {fp32:.1f} s"
+            if auto != "fp32":
+                fast = time_process(args.model, args.openkbp, args.device, argv + ["--precision", "auto"])
+                line += f"; auto ({auto}) {fast:.1f} s, {fp32 / fast:.2f} x faster"
+            print(line)
 
 
 if __name__ == "__main__":

@@ -234,7 +234,7 @@ class DoseDiffWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         except Exception as exc:  # isodose is a display aid; the dose is loaded
             notes.append(f"Isodose surfaces failed: {exc}")
         self._finish(f"Done in {loaded.info['seconds_sampling']:.0f} s (seed {loaded.info['seed']}, "
-                     f"{loaded.info.get('precision', 'fp32')})."
+                     f"{loaded.info['precision']})."
                      + ("\n" + "\n".join(notes) if notes else ""))
 
     def _finish(self, message: str) -> None:

@@ -25,7 +25,7 @@ from .mmfnet import Ensemble, MMFNet, TwoStage
 from .openkbp import OpenKBPPatient
 from .prescription import PrescriptionMap, map_prescriptions, model_structures, target_levels
 from .rois import BODY, match_rois, plausibility_warnings, unmatched_targets
-from .runtime import batch_size_for, network_dtype
+from .runtime import batch_size_for, network_dtype, precision_name
 from .volume import IDENTITY, Grid, Volume, resample, resample_mask, to_axial
 
 
@@ -479,7 +479,7 @@ def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage | Ensemble, cfg: 
             "z_smoothing_mm": smp.z_smoothing_mm, "timestep_spacing": smp.spacing,
             "stage1_weight": cfg.diffusion.stage1_weight, "partner_weights": list(cfg.diffusion.partner_weights),
             "slices_predicted": int(len(slices)),
-            "device": str(device), "precision": "bf16" if dtype == torch.bfloat16 else "fp32",
+            "device": str(device), "precision": precision_name(dtype),
             "seconds_conditions": round(t1 - t0, 3),
             "seconds_sampling": round(t2 - t1, 3), "matched_rois": inputs.matched,
             "warnings": list(inputs.warnings), "model_grid_spacing_mm": list(inputs.ct.spacing),

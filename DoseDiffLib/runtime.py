@@ -58,6 +58,11 @@ def network_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+def precision_name(dtype: torch.dtype) -> str:
+    """The --precision name of a network dtype, as predictions report it."""
+    return "bf16" if dtype == torch.bfloat16 else "fp32"
+
+
 def available_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)

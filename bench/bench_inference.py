@@ -28,7 +28,7 @@ from DoseDiffLib.mmfnet import MMFNet, TwoStage
 from DoseDiffLib.modelcard import load_model
 from DoseDiffLib.phantom import head_and_neck
 from DoseDiffLib.job import Case, Sampling, run_prediction
-from DoseDiffLib.runtime import batch_size_for, choose_device, native_bf16_cpu, network_dtype
+from DoseDiffLib.runtime import batch_size_for, choose_device, native_bf16_cpu, network_dtype, precision_name
 
 
 def peak_rss_mb() -> float:
@@ -137,7 +137,7 @@ def main() -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} threads")
     print(cpu_flags())
-    auto = {torch.float32: "fp32", torch.bfloat16: "bf16"}[network_dtype(device)]
+    auto = precision_name(network_dtype(device))
     peak = matmul_peak(device)
     print(f"fp32 matmul peak (2048^2): {peak / 1e9:.0f} GFLOP/s")
     runs = []

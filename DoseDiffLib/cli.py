@@ -690,7 +690,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
 # if whole, not negative. (lo, hi, lo_open, hi_open) for numbers; a tuple of names for words.
 _TRAIN_LIMITS: dict[str, tuple] = {
     "steps": (1, None), "batch_size": (1, None), "val_patients": (1, None), "checkpoint_every": (1, None),
-    "context": (0, 8), "beam_mu": (0, 0.1), "dvh_weight": (0, None), "max_seconds": (0, None), "lr": (0, None, True),
+    "context": (0, 8), "beam_mu": (0, 0.1), "dvh_weight": (0, None), "gradient_weight": (0, None),
+    "max_seconds": (0, None), "lr": (0, None, True),
     "weight_decay": (0, None), "decay_at": (0, 1), "middle_blocks": (0, 16), "z_smoothing_mm": (0, MAX_Z_SMOOTHING_MM),
     "grad_clip": (0, None, True), "ema_decay": (0, 1, False, True), "aug_p": (0, 1), "zoom": (0, 1, False, True),
     "shift": (0, 1), "max_rotation_deg": (0, 180), "outside_weight": (0, None), "last_step_fraction": (0, 1),
@@ -763,8 +764,8 @@ def _train_settings(items: list[str]) -> "TrainConfig":
 # objective it was trained with (fine-tuning continues them), and the read-out it was validated
 # with (sampler, mirrored patient, z filter), so the new card is read out and validated alike.
 INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "beam_oars", "middle_blocks", "loss",
-             "outside_weight", "last_step_fraction", "dvh_weight", "patient_every", "patient_dvh_weight", "flip",
-             "z_smoothing_mm")
+             "outside_weight", "last_step_fraction", "dvh_weight", "gradient_weight", "patient_every",
+             "patient_dvh_weight", "flip", "z_smoothing_mm")
 
 
 def _inherited_settings(card: dict, known: list[str]) -> dict:

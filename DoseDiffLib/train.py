@@ -29,7 +29,7 @@ from .conditions import LR_PAIRS, SliceStack, assemble, beam_directions, gather
 from .config import OARS, POSSIBLE_DOSE, PRESETS, TARGETS, ConditionConfig, ModelConfig
 from .diffusion import Diffusion
 from .errors import DoseDiffError
-from .losses import dvh_metric_l1, sorted_dose_l1
+from .losses import dvh_metric_l1, gradient_l1, sorted_dose_l1
 from .evaluate import evaluate_patient
 from .metrics import dvh_score
 from .mmfnet import Ensemble, MMFNet, TwoStage
@@ -106,6 +106,7 @@ class TrainConfig:
     init: str = ""                 # model card whose weights start a new run (warm start)
     last_step_fraction: float = 0.0    # slices trained at t = T-1, the one-step sampler's only step
     dvh_weight: float = 0.0        # weight of the per-ROI sorted-dose L1 on the x0 estimate
+    gradient_weight: float = 0.0   # weight of the L1 between in-plane dose gradients (losses.gradient_l1) on x0
     patient_every: int = 0         # > 0: every this many steps, one step on a whole training patient (patient_step)
     patient_dvh_weight: float = 1.0    # that step's weight of the DVH score's own cells (losses.dvh_metric_l1)
     max_seconds: float = 0.0       # stop (validated, checkpointed) after this much training time; 0 = no limit
@@ -500,6 +501,9 @@ class TrainLoop:
             if tcfg.dvh_weight:
                 rois = ps[:, [CACHE_ROIS.index(r) for r in mcfg.conditions.rois]] > 0
                 loss = loss + tcfg.dvh_weight * sorted_dose_l1(x0.float(), dose.float(), rois)
+            if tcfg.gradient_weight:
+                inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None]
+                loss = loss + tcfg.gradient_weight * gradient_l1(x0.float(), dose.float(), inside)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)

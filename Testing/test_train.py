@@ -635,6 +635,44 @@ def test_the_dvh_loss_pulls_only_the_voxels_its_cells_read():
     assert zero.item() == 0 and zero.requires_grad
 
 
+def test_the_gradient_loss_of_two_ramps_is_the_difference_of_their_slopes():
+    from DoseDiffLib.losses import gradient_l1
+
+    y, x = torch.meshgrid(torch.arange(12.0), torch.arange(10.0), indexing="ij")
+    ref = (0.3 * x + 0.1 * y)[None, None]
+    pred = (0.5 * x - 0.1 * y + 7.0)[None, None]   # an offset has no gradient: it costs nothing here
+    inside = torch.ones_like(ref, dtype=torch.bool)
+    # 12 x 9 differences along x off by 0.2, 11 x 10 along y off by 0.2
+    assert gradient_l1(pred, ref, inside).item() == pytest.approx(0.2)
+    assert gradient_l1(ref + 7.0, ref, inside).item() == pytest.approx(0.0, abs=1e-6)
+    # a difference counts only where both its pixels are inside: columns 0-3 give 12 x 3
+    # differences along x and 11 x 4 along y
+    inside[..., 4:] = False
+    step = ref.clone()
+    step[..., :2] += 1.0                            # a 1.0 edge between columns 1 and 2, inside
+    step[..., 6:] += 5.0                            # and one between 5 and 6, outside
+    assert gradient_l1(step, ref, inside).item() == pytest.approx(12 / (12 * 3 + 11 * 4))
+    none = gradient_l1(pred.requires_grad_(), ref, torch.zeros_like(inside))
+    assert none.item() == 0 and none.requires_grad
+
+
+def test_the_gradient_loss_reaches_training_and_is_part_of_the_recipe(tmp_path):
+    from DoseDiffLib.train import train
+
+    cache = make_cache(tmp_path, slices=5)
+    common = dict(preset="test", prediction="x0", steps=3, batch_size=2, val_every=0, sampler="regression",
+                  checkpoint_every=1, threads=1, lr=1e-2, loss="l1", last_step_fraction=1.0)
+    train(cache, tmp_path / "a", TrainConfig.from_settings(**common), torch.device("cpu"))
+    train(cache, tmp_path / "b", TrainConfig.from_settings(**common, gradient_weight=1.0), torch.device("cpu"))
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)
+    assert any(not torch.allclose(a["model"][k], b["model"][k]) for k in a["model"])
+    assert b["train_config"]["gradient_weight"] == 1.0
+    with pytest.raises(DoseDiffError, match="gradient_weight"):
+        train(cache, tmp_path / "b", TrainConfig.from_settings(**{**common, "steps": 5, "gradient_weight": 2.0}),
+              torch.device("cpu"))
+
+
 def test_gradients_accumulated_a_chunk_at_a_time_equal_those_of_the_whole_graph():
     from DoseDiffLib.losses import dvh_metric_l1
     from DoseDiffLib.train import backward_in_chunks

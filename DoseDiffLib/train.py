@@ -94,6 +94,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     aug_p: float = 0.8
     max_rotation_deg: float = 15.0
+    rotation_step_deg: float = 0.0  # > 0: augmented slices also turn by a random multiple of this (40: OpenKBP's beams)
     zoom: float = 0.1
     shift: float = 0.1
     val_every: int = 1000
@@ -133,6 +134,11 @@ class TrainConfig:
             raise DoseDiffError("patient_every trains the one-step read-out at t = T-1, where an epsilon-predicting "
                                 "network's dose estimate divides by almost zero.",
                                 "Use it with --set prediction=x0 (or v), or drop patient_every.")
+        step = float(settings.get("rotation_step_deg") or 0)
+        if step and abs(360 / step - round(360 / step)) > 1e-6:
+            raise DoseDiffError(f"rotation_step_deg {step:g} does not divide 360 degrees, so its turns would favour "
+                                "some directions.", "Use a divisor of 360 (40 maps the 9 OpenKBP beams onto "
+                                "themselves), or 0 for none.")
         if settings.get("stage1_jitter") and not settings.get("stage1"):
             raise DoseDiffError("stage1_jitter perturbs a first stage's dose, and this run has no first stage.",
                                 "Add --set stage1=CARD, or drop stage1_jitter.")
@@ -180,11 +186,16 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
     A left-right flip also swaps the parotid channels, so 'left' stays anatomical; a
     zoom by s multiplies the PSDMs by s, since every distance in the image grows by s.
     The beams (B, A, 2) turn with the patient: returned in the augmented image's frame.
+    A turn by a multiple of rotation_step_deg = 40 maps the 9 equispaced OpenKBP beams onto
+    themselves, so the turned slice is a plan of the same beam set (C3D's augmentation).
     """
     b = ct.shape[0]
     apply = torch.rand(b, generator=g) < cfg.aug_p
     flip = (torch.rand(b, generator=g) < 0.5) & apply
     ang = (torch.rand(b, generator=g) * 2 - 1) * math.radians(cfg.max_rotation_deg) * apply
+    if cfg.rotation_step_deg:   # drawn only when set, so earlier recipes draw the same augmentations
+        turns = torch.randint(0, round(360 / cfg.rotation_step_deg), (b,), generator=g)
+        ang = ang + turns * math.radians(cfg.rotation_step_deg) * apply
     zoom = 1 + (torch.rand(b, generator=g) * 2 - 1) * cfg.zoom * apply
     shift = (torch.rand(b, 2, generator=g) * 2 - 1) * cfg.shift * 2 * apply[:, None]
     sx = torch.where(flip, -1.0, 1.0)

@@ -1,5 +1,6 @@
 """Training: augmentation physics, cache, resumable runs and two-process DDP in sync."""
 import json
+import math
 import os
 import re
 import socket
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from DoseDiffLib.conditions import beam_directions
 from DoseDiffLib.config import OARS, ModelConfig
 from DoseDiffLib.errors import DoseDiffError
 from DoseDiffLib.prepare import CACHE_ROIS
@@ -365,6 +367,34 @@ def test_augmentation_turns_the_beams_with_the_patient():
         assert torch.allclose(d2.norm(dim=-1), torch.ones(1, 2), atol=1e-5)
         turned += not torch.allclose(d2, dirs, atol=1e-3)
     assert turned >= 5
+
+
+def test_turns_by_40_degrees_map_the_openkbp_beams_onto_themselves():
+    """rotation_step_deg 40: the patient turns by multiples of 40 degrees, and the beams
+    that turn with it are again the 9 OpenKBP beams, so the slice stays a plan of that set."""
+    n = 64
+    ps = -torch.ones(1, len(CACHE_ROIS), n, n)
+    ps[:, :, 30:34, 44:48] = 1.0                           # a target right of the centre, at (x, y) = (14, 0)
+    ct, dose = torch.zeros(1, 1, n, n), torch.zeros(1, 1, n, n)
+    beams = beam_directions(ModelConfig(), 1)
+    cfg = TrainConfig(aug_p=1.0, max_rotation_deg=0, zoom=0, shift=0, rotation_step_deg=40)
+    angles = set()
+    for seed in range(40):
+        _, ps2, _, _, b2 = augment(ct, ps, dose, cfg, torch.Generator().manual_seed(seed), torch.zeros(1, 0, 1, n, n),
+                                   beams)
+        # every returned beam is one of the set (direction and sense), each used once
+        match = (b2[0] @ beams[0].T - 1).abs() < 1e-5
+        assert match.sum(1).tolist() == [1] * 9 and match.sum(0).tolist() == [1] * 9, seed
+        # the target's centre turned about the image centre by a multiple of 40 degrees, from
+        # 0 degrees or, when the slice was also mirrored left-right, from 180 (= 20 modulo 40)
+        y, x = torch.nonzero(ps2[0, 0] > 0, as_tuple=True)
+        cx, cy = x.float().mean() - (n - 1) / 2, y.float().mean() - (n - 1) / 2
+        turn = math.degrees(math.atan2(cy, cx))
+        assert abs((turn + 10) % 20 - 10) < 2 and abs(math.hypot(cx, cy) - 14) < 1, (seed, turn)
+        angles.add(round(turn / 20) % 18)
+    assert len(angles) >= 12                               # the turns are spread over the circle
+    with pytest.raises(DoseDiffError, match="does not divide 360"):
+        TrainConfig.from_settings(rotation_step_deg=7)
 
 
 def test_an_added_input_channel_reaches_training_the_card_and_prediction(tmp_path):

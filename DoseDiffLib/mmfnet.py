@@ -18,11 +18,23 @@ from torch import nn
 from .config import NetConfig
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
+class GroupNorm(nn.GroupNorm):
+    """nn.GroupNorm whose bf16 CPU path reads channels-first memory: PyTorch's channels-last
+    bf16 kernel took 2-5 times as long there as a transpose and the channels-first kernel,
+    most of all backwards (bench/bench_train.py). Same parameters, same result."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not x.is_contiguous() \
+                and x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+        return super().forward(x)
+
+
+def group_norm(channels: int) -> GroupNorm:
     groups = min(32, max(1, channels // 4))
     while channels % groups:
         groups -= 1
-    return nn.GroupNorm(groups, channels)
+    return GroupNorm(groups, channels)
 
 
 def zero(module: nn.Module) -> nn.Module:

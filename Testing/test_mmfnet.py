@@ -59,3 +59,33 @@ def test_every_stream_influences_the_output():
     model(x, torch.tensor([10]), ct, cond).sum().backward()
     for t in (x, ct, cond):
         assert t.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_norm_on_channels_last_memory_gives_the_plain_result_and_gradient(dtype):
+    """The bf16 CPU path transposes to channels-first and back (a speed-up): values, gradients
+    and the memory layout the next convolution reads must be those of nn.GroupNorm."""
+    from DoseDiffLib.mmfnet import group_norm
+
+    torch.manual_seed(0)
+    norm = group_norm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    plain = torch.nn.GroupNorm(norm.num_groups, 16)
+    plain.load_state_dict(norm.state_dict())
+    x = (torch.randn(2, 16, 12, 10) * 3 + torch.arange(16.0)[:, None, None]).to(dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = norm(a), plain(b)
+    grad = torch.randn(out.shape).to(dtype)
+    out.backward(grad)
+    want.backward(grad)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(out.float(), want.float(), atol=tol, rtol=tol)
+    assert torch.allclose(a.grad.float(), b.grad.float(), atol=tol, rtol=tol)
+    assert torch.allclose(norm.weight.grad, plain.weight.grad, atol=10 * tol, rtol=tol)
+    # against float64 arithmetic: the group statistics are right, not merely equal to PyTorch's
+    ref = torch.nn.functional.group_norm(x.double(), norm.num_groups, norm.weight.double(), norm.bias.double())
+    assert torch.allclose(out.double(), ref, atol=4 * tol, rtol=tol)

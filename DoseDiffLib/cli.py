@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, NoReturn
 
-from .config import MAX_Z_SMOOTHING_MM
+from .config import MAX_Z_SMOOTHING_MM, PRECISIONS
 from .errors import Cancelled, DoseDiffError
 from .registry import default_model, model_argument
 from .volume import all_or_nothing, atomic_write, check_output, check_output_folder, make_folder
@@ -67,7 +67,7 @@ DOSE_SUFFIXES = (".nrrd", ".nii.gz", ".nii", ".mha")
 
 
 def _add_sampler(p) -> None:
-    from .config import PRECISIONS, SAMPLERS
+    from .config import SAMPLERS
 
     p.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                    help="regression (one call per view, fastest) or ddim (the paper's 8 steps, 4 samples, mirrored); "
@@ -699,6 +699,7 @@ _TRAIN_LIMITS: dict[str, tuple] = {
     "stage1_jitter": (0, 1), "swa_every": (0, None), "swa_start": (0, None),
     "patient_every": (0, None), "patient_dvh_weight": (0, None),
     "prediction": ("epsilon", "x0", "v"), "loss": ("mse", "l1"), "sampler": ("regression", "ddim"),
+    "precision": PRECISIONS,
 }
 
 

@@ -797,6 +797,7 @@ _table("traceback", lambda root, card, *sets: _train(root, *sets), [
     ("set_ema_decay_one", ("ema_decay=1",), r"ema_decay=1 is outside \[0, 1\)"),
     ("set_steps_fractional", ("steps=1.5",), "steps='1.5' is not a valid int"),
     ("set_rotation_step_not_a_divisor", ("preset=test", "rotation_step_deg=7"), "rotation_step_deg 7 does not divide"),
+    ("set_precision_unknown", ("precision=fp16",), "precision='fp16' is not one of auto, fp32, bf16"),
 ])
 _table("traceback", _openkbp_file, [
     ("openkbp_ct_csv_garbage", ("ct.csv", ",data\nx,y\n"), "Cannot parse OpenKBP file .*ct.csv"),

@@ -703,6 +703,34 @@ def test_the_gradient_loss_reaches_training_and_is_part_of_the_recipe(tmp_path):
               torch.device("cpu"))
 
 
+@pytest.mark.parametrize("precision, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_the_training_precision_sets_the_networks_products_and_keeps_weights_and_loss_fp32(tmp_path, precision,
+                                                                                           dtype):
+    from DoseDiffLib.train import TrainLoop, train
+
+    cache = make_cache(tmp_path, slices=5)
+    common = dict(preset="test", prediction="x0", steps=2, batch_size=2, val_every=0, sampler="regression",
+                  checkpoint_every=1, threads=1, loss="l1", dvh_weight=0.5, gradient_weight=0.5)
+    loop = TrainLoop(cache, tmp_path / "a", TrainConfig.from_settings(**common, precision=precision),
+                     torch.device("cpu"))
+    seen = []
+    conv = next(m for m in loop.model.modules() if isinstance(m, torch.nn.Conv2d))
+    conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    before = [p.detach().clone() for p in loop.model.parameters()]
+    loss, gnorm = loop.step()
+    assert seen == [dtype]
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and torch.isfinite(gnorm)
+    assert all(p.dtype == torch.float32 for p in loop.model.parameters())
+    assert any(not torch.equal(a, p) for a, p in zip(before, loop.model.parameters()))
+    loop.save_checkpoint()
+    del loop
+    # a run may go on in the other precision (fp32 weights either way): a machine without native bf16 resumes it
+    other = "fp32" if precision == "bf16" else "bf16"
+    train(cache, tmp_path / "a", TrainConfig.from_settings(**common, precision=other), torch.device("cpu"))
+    ck = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    assert ck["state"]["step"] == 2 and ck["train_config"]["precision"] == other
+
+
 def test_gradients_accumulated_a_chunk_at_a_time_equal_those_of_the_whole_graph():
     from DoseDiffLib.losses import dvh_metric_l1
     from DoseDiffLib.train import backward_in_chunks

@@ -19,12 +19,13 @@ from .config import NetConfig
 
 
 class GroupNorm(nn.GroupNorm):
-    """nn.GroupNorm whose bf16 CPU path reads channels-first memory: PyTorch's channels-last
-    bf16 kernel took 2-5 times as long there as a transpose and the channels-first kernel,
-    most of all backwards (bench/bench_train.py). Same parameters, same result."""
+    """nn.GroupNorm whose bf16 CPU path in training reads channels-first memory: PyTorch's
+    channels-last bf16 kernel took 2-5 times as long there as a transpose and the channels-first
+    kernel, most of all backwards (bench/bench_train.py). Prediction (no gradient) keeps the
+    channels-last kernel: there the transposes cost what they saved. Same parameters, same result."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and not x.is_contiguous() \
+        if x.dtype == torch.bfloat16 and x.device.type == "cpu" and torch.is_grad_enabled() and not x.is_contiguous() \
                 and x.is_contiguous(memory_format=torch.channels_last):
             return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
         return super().forward(x)

@@ -89,3 +89,5 @@ def test_group_norm_on_channels_last_memory_gives_the_plain_result_and_gradient(
     # against float64 arithmetic: the group statistics are right, not merely equal to PyTorch's
     ref = torch.nn.functional.group_norm(x.double(), norm.num_groups, norm.weight.double(), norm.bias.double())
     assert torch.allclose(out.double(), ref, atol=4 * tol, rtol=tol)
+    with torch.inference_mode():  # prediction: the plain kernel, bit for bit
+        assert torch.equal(norm(x), plain(x))

@@ -3,10 +3,10 @@
 AdamW, learning rate x0.1 at 70 % of the steps, gradient clipping at 1.0, an EMA of the
 weights or, if asked, their uniform average over the run (SWA; what is validated and
 exported), bf16 autocast on CUDA and on CPUs with native bf16, augmentation applied to all
-channels at once, periodic
-validation by OpenKBP dose and DVH score on a fixed validation subset, a checkpoint every
-few hundred steps, a JSON-lines log and a PNG of the curves. Under torchrun every process
-trains on its own slices and DDP keeps the weights in sync; only rank 0 validates and writes.
+channels at once, periodic validation by OpenKBP dose and DVH score on a fixed validation
+subset, a checkpoint every few hundred steps, a JSON-lines log and a PNG of the curves. Under
+torchrun every process trains on its own slices and DDP keeps the weights in sync; only rank 0
+validates and writes.
 """
 from __future__ import annotations
 

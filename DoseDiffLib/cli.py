@@ -79,6 +79,9 @@ def _add_sampler(p) -> None:
     p.add_argument("--z-smoothing", type=float, default=None, metavar="MM",
                    help="Gaussian SD along z applied outside the targets to the slice-by-slice prediction "
                         "(0 turns it off); default: the model card's")
+    p.add_argument("--normalise", action=argparse.BooleanOptionalAction, default=None,
+                   help="scale the dose so its primary target's mean is the level the training plans were "
+                        "normalised to (README, 'Plan normalisation'); default: the model card's")
     p.add_argument("--precision", choices=list(PRECISIONS), default="auto",
                    help="the network's arithmetic: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), "
                         "fp32 or bf16")
@@ -88,7 +91,7 @@ def _sampling(args, seed: int | None, device) -> "Sampling":
     from .job import Sampling
 
     return Sampling(args.sampler, args.steps, args.samples, args.flip, seed, device,
-                    getattr(args, "batch_size", None), args.z_smoothing, args.precision)
+                    getattr(args, "batch_size", None), args.z_smoothing, args.precision, args.normalise)
 
 
 def _add_predict(sub) -> None:
@@ -404,7 +407,7 @@ def _timing_summary(timings: dict) -> dict:
     return {"mean": round(sum(secs) / len(secs), 1), "max": max(secs),
             "mean_slices_predicted": round(sum(r["slices"] for r in rows) / len(rows), 1),
             **{k: rows[0].get(k) for k in ("device", "threads", "sampler", "steps", "samples", "flip",
-                                            "z_smoothing_mm")}}
+                                            "z_smoothing_mm", "target_mean_gy")}}
 
 
 def cmd_init_model(args: argparse.Namespace) -> int:
@@ -764,10 +767,11 @@ def _train_settings(items: list[str]) -> "TrainConfig":
 
 # What a warm start keeps from its model's recipe unless set: the network and its inputs, the
 # objective it was trained with (fine-tuning continues them), and the read-out it was validated
-# with (sampler, mirrored patient, z filter), so the new card is read out and validated alike.
+# with (sampler, mirrored patient, z filter, plan normalisation), so the new card is read out and validated
+# alike (the normalisation level itself is recomputed from the new run's training plans).
 INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "beam_oars", "middle_blocks", "loss",
              "outside_weight", "last_step_fraction", "dvh_weight", "gradient_weight", "patient_every",
-             "patient_dvh_weight", "flip", "z_smoothing_mm")
+             "patient_dvh_weight", "flip", "z_smoothing_mm", "normalise")
 
 
 def _inherited_settings(card: dict, known: list[str]) -> dict:
@@ -785,6 +789,7 @@ def _inherited_settings(card: dict, known: list[str]) -> dict:
     out.setdefault("middle_blocks", int(net.get("middle_blocks", 0)))
     out.setdefault("flip", bool(diffusion.get("flip", False)))
     out.setdefault("z_smoothing_mm", float(diffusion.get("z_smoothing_mm", 0.0)))
+    out.setdefault("normalise", float(diffusion.get("target_mean_gy", 0.0)) > 0)
     return {k: v for k, v in out.items() if k in known}
 
 

@@ -166,6 +166,7 @@ class SamplerConfig:
     flip: bool = False            # also run the left-right mirrored patient and average
     eta: float = 0.0
     z_smoothing_mm: float = 0.0   # Gaussian SD along z outside the targets (README, "Slice noise")
+    target_mean_gy: float = 0.0   # each sample scaled to this mean in the primary target (normalisation.py); 0: off
 
 
 # Named, measured choices (README, "Sampler"). "regression" is one network call at
@@ -191,12 +192,13 @@ class DiffusionConfig:
     sampler: str = "ddim"         # the named sampler this model is validated with, its default
     flip: bool = False            # validated with the mirrored patient averaged in, whatever the sampler
     z_smoothing_mm: float = 0.0   # the slice-noise filter this model is validated with (0: none)
+    target_mean_gy: float = 0.0   # the training plans' primary-target mean its doses are normalised to (0: none)
     stage1_weight: float = 0.0    # a refiner's output: this share of its first stage's dose averaged in
     partner_weights: tuple[float, ...] = ()  # an ensemble's output: each partner's share (ModelConfig.partners)
 
     # how a trained network is read out, not what its weights mean: free to differ on a warm start
-    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler", "flip", "z_smoothing_mm", "stage1_weight",
-                                                   "partner_weights")
+    SAMPLER_SETTINGS: ClassVar[tuple[str, ...]] = ("sampler", "flip", "z_smoothing_mm", "target_mean_gy",
+                                                   "stage1_weight", "partner_weights")
 
 
 @dataclass(frozen=True)

@@ -71,10 +71,11 @@ class Sampling:
     batch_size: int | None = None
     z_smoothing_mm: float | None = None
     precision: str = "auto"            # the network's: auto | fp32 | bf16 (runtime.network_dtype)
+    normalise: bool | None = None      # plan normalisation to the card's level (normalisation.py)
 
     def choice(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "steps": self.steps, "samples": self.samples, "flip": self.flip,
-                "z_smoothing_mm": self.z_smoothing_mm}
+                "z_smoothing_mm": self.z_smoothing_mm, "normalise": self.normalise}
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ def predict_openkbp_split(folders: list[Path], out: Path, loaded: Loaded, sampli
                                 "sampler": pred.info["sampler"],
                                 "steps": pred.info["steps"], "samples": pred.info["samples"],
                                 "flip": pred.info["flip"], "z_smoothing_mm": pred.info["z_smoothing_mm"],
+                                "target_mean_gy": pred.info["target_mean_gy"],
                                 "slices": pred.info["slices_predicted"]}
         text = json.dumps(timings, indent=1)
         atomic_write(timings_path, lambda p: p.write_text(text), overwrite=True)

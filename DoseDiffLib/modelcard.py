@@ -225,7 +225,7 @@ def save_ensemble(first: str | os.PathLike, partners: list[tuple[str | os.PathLi
                                 "Give the cards of single networks.")
     (net, cfg, card), rest = loaded[0], loaded[1:]
     shares = tuple(float(w) for _, w in partners)
-    read_out = {k: getattr(cfg.diffusion, k) for k in ("sampler", "flip", "z_smoothing_mm")}
+    read_out = {k: getattr(cfg.diffusion, k) for k in ("sampler", "flip", "z_smoothing_mm", "target_mean_gy")}
     try:  # partners are read out with the ensemble's sampler; their own settings would mislead
         ens = replace(cfg, partners=tuple(replace(c, diffusion=replace(c.diffusion, **read_out)) for _, c, _ in rest),
                       diffusion=replace(cfg.diffusion, partner_weights=shares))

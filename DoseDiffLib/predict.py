@@ -2,7 +2,8 @@
 
 inputs (CT + structures, checked) -> model grid (cropped to the body, in-plane
 resampled to the model's spacing) -> conditions -> DDIM, slice batches -> dose in Gy
--> the card's slice-noise filter along z -> back on the CT grid, zero outside the body.
+-> the card's slice-noise filter along z and plan normalisation -> back on the CT grid,
+zero outside the body.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from .config import (BODY_THRESHOLD_HU, HU_MIN_SPAN, HU_NORMALISED_LIMIT, HU_UNR
 from .diffusion import Diffusion
 from .errors import Cancelled, DoseDiffError, warn
 from .mmfnet import Ensemble, MMFNet, TwoStage
+from .normalisation import WARN_FRACTION, primary_target, require_target, scale_to_level
 from .openkbp import OpenKBPPatient
 from .prescription import PrescriptionMap, map_prescriptions, model_structures, target_levels
 from .rois import BODY, match_rois, plausibility_warnings, unmatched_targets
@@ -380,16 +382,22 @@ def dose_rows(stack: SliceStack, cfg: ModelConfig, slice_mm: float) -> np.ndarra
 
 def resolve_sampler(cfg: ModelConfig, sampler: str | None = None, steps: int | None = None,
                     samples: int | None = None, flip: bool | None = None,
-                    z_smoothing_mm: float | None = None) -> tuple[str, SamplerConfig]:
+                    z_smoothing_mm: float | None = None, normalise: bool | None = None) -> tuple[str, SamplerConfig]:
     """A named sampler (default: the one the model card was validated with), with the card's
-    mirror averaging and slice-noise filter, and overrides."""
+    mirror averaging, slice-noise filter and plan normalisation, and overrides."""
     name = sampler or cfg.diffusion.sampler
     if name not in SAMPLERS:
         raise DoseDiffError(f"Unknown sampler {name!r}.", f"Choose one of: {', '.join(SAMPLERS)}.")
+    if normalise and not cfg.diffusion.target_mean_gy:
+        raise DoseDiffError("This model card has no normalisation level (its training plans' mean dose in the "
+                            "primary target).", "Predict without --normalise, or retrain with --set normalise=True.")
     changes = {k: v for k, v in (("steps", steps), ("samples", samples), ("flip", flip),
                                  ("z_smoothing_mm", z_smoothing_mm)) if v is not None}
+    if normalise is False:
+        changes["target_mean_gy"] = 0.0
     card = {"flip": SAMPLERS[name].flip or bool(cfg.diffusion.flip),
-            "z_smoothing_mm": float(cfg.diffusion.z_smoothing_mm)}
+            "z_smoothing_mm": float(cfg.diffusion.z_smoothing_mm),
+            "target_mean_gy": float(cfg.diffusion.target_mean_gy)}
     chosen = replace(SAMPLERS[name], **{**card, **changes})
     if chosen.samples < 1 or not 1 <= chosen.steps <= cfg.diffusion.timesteps:
         raise DoseDiffError(f"Steps must be 1 to {cfg.diffusion.timesteps} and samples at least 1 "
@@ -440,24 +448,32 @@ def _target_region(masks: Mapping[str, Volume], cfg: ModelConfig) -> np.ndarray:
 
 
 def samples_in_gy(x: np.ndarray, inputs: ModelInputs, cfg: ModelConfig, sampler: SamplerConfig,
-                  slices: np.ndarray) -> np.ndarray:
+                  slices: np.ndarray) -> tuple[np.ndarray, list[float]]:
     """Samples in network units (samples, z, y, x) on the model grid -> Gy at the given
-    prescription, zero outside the possible dose, with the sampler's z filter."""
+    prescription, zero outside the possible dose, with the sampler's z filter and plan
+    normalisation; and each sample's normalisation factor (1 without)."""
     pdm = inputs.masks[POSSIBLE_DOSE].array
     gy = cfg.norm.gy(x) * pdm[None].astype(np.float32) / inputs.scale
-    return smooth_along_z(gy, _predicted_region(pdm, slices), _target_region(inputs.masks, cfg),
-                          sampler.z_smoothing_mm, inputs.ct.spacing[2])
+    gy = smooth_along_z(gy, _predicted_region(pdm, slices), _target_region(inputs.masks, cfg),
+                        sampler.z_smoothing_mm, inputs.ct.spacing[2])
+    if not sampler.target_mean_gy:
+        return gy, [1.0] * len(gy)
+    target = inputs.masks[primary_target(cfg)].array > 0
+    return scale_to_level(gy, target, sampler.target_mean_gy / inputs.scale)
 
 
 def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage | Ensemble, cfg: ModelConfig, steps: int | None = None,
                  samples: int | None = None, seed: int | None = None, device: torch.device | str = "cpu",
                  batch_size: int | None = None, with_std: bool = False, progress: Progress | None = None,
                  sampler: str | None = None, flip: bool | None = None,
-                 z_smoothing_mm: float | None = None, precision: str = "auto") -> Prediction:
-    name, smp = resolve_sampler(cfg, sampler, steps, samples, flip, z_smoothing_mm)
+                 z_smoothing_mm: float | None = None, precision: str = "auto",
+                 normalise: bool | None = None) -> Prediction:
+    name, smp = resolve_sampler(cfg, sampler, steps, samples, flip, z_smoothing_mm, normalise)
     dtype = network_dtype(torch.device(device), precision)  # a wrong choice fails before any work
     if batch_size is not None and batch_size < 1:
         raise DoseDiffError(f"The batch size must be at least 1 (got {batch_size}).")
+    if smp.target_mean_gy:
+        require_target(inputs.masks[primary_target(cfg)].array > 0)
     if seed is None:
         seed = int.from_bytes(os.urandom(4), "little")
     t0 = time.perf_counter()
@@ -470,19 +486,28 @@ def predict_case(inputs: ModelInputs, model: MMFNet | TwoStage | Ensemble, cfg: 
     x[:, slices] = sample_dose(model, cfg, stack, rows, smp, seed, device, batch_size, progress=progress,
                                    precision=precision)
     t2 = time.perf_counter()
-    gy = samples_in_gy(x, inputs, cfg, smp, slices)
+    gy, factors = samples_in_gy(x, inputs, cfg, smp, slices)
+    warnings = list(inputs.warnings)
+    off = max(factors, key=lambda f: abs(f - 1.0))
+    if abs(off - 1.0) > WARN_FRACTION:
+        level = smp.target_mean_gy / inputs.scale
+        warn(warnings, f"The network put the mean dose in {primary_target(cfg)} at {level / off:.1f} Gy, "
+                       f"{100 * (1 / off - 1):+.0f} % from the {level:.1f} Gy the training plans were normalised "
+                       "to; the whole dose was scaled to that level. Check the targets' contours and "
+                       "prescriptions (the command line's --no-normalise shows the unscaled prediction).")
     mean = gy.mean(0)
     std = gy.std(0) if (with_std and smp.samples > 1) else None
     dose = _to_ct_grid(inputs, mean)
     std_v = _to_ct_grid(inputs, std) if std is not None else None
     info = {"seed": seed, "sampler": name, "steps": smp.steps, "samples": smp.samples, "flip": smp.flip,
             "z_smoothing_mm": smp.z_smoothing_mm, "timestep_spacing": smp.spacing,
+            "target_mean_gy": smp.target_mean_gy, "normalisation_factors": [round(f, 4) for f in factors],
             "stage1_weight": cfg.diffusion.stage1_weight, "partner_weights": list(cfg.diffusion.partner_weights),
             "slices_predicted": int(len(slices)),
             "device": str(device), "precision": precision_name(dtype),
             "seconds_conditions": round(t1 - t0, 3),
             "seconds_sampling": round(t2 - t1, 3), "matched_rois": inputs.matched,
-            "warnings": list(inputs.warnings), "model_grid_spacing_mm": list(inputs.ct.spacing),
+            "warnings": warnings, "model_grid_spacing_mm": list(inputs.ct.spacing),
             "prescription": inputs.prescription.describe() if inputs.prescription else "targets matched by name",
             "prescription_scale": inputs.scale}
     return Prediction(dose, std_v, info)

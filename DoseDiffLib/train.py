@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .evaluate import evaluate_patient
 from .metrics import dvh_score
 from .mmfnet import Ensemble, MMFNet, TwoStage
 from .modelcard import read_card, save_model
+from .normalisation import primary_target, training_level
 from .plots import save_figure
 from .predict import dose_rows, resolve_sampler, sample_dose, stage1_dose
 from .prepare import CACHE_ROIS, describe_cache
@@ -118,6 +119,7 @@ class TrainConfig:
     stage1_jitter: float = 0.0     # refiner: mean SD of the smooth log-scale field its stage-1 dose is multiplied by
     swa_every: int = 0             # > 0: every this many steps from swa_start the weights join a uniform average
     swa_start: int = 0             # (stochastic weight averaging), validated and exported instead of the EMA
+    normalise: bool = False        # the card normalises predictions to its training plans' level (normalisation.py)
 
     @classmethod
     def from_settings(cls, **settings: object) -> "TrainConfig":
@@ -179,6 +181,13 @@ class SliceCache:
                  + (torch.from_numpy(np.asarray(self.arrays[p]["dose"][s:s + 1], np.float32))[:, None],)
                  for p, s in self.items[idx]]
         return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def primary_target_doses(cache: SliceCache, cfg: ModelConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(clinical dose in Gy, primary-target mask) of each cached patient, for normalisation.training_level."""
+    i = CACHE_ROIS.index(primary_target(cfg))
+    for a in cache.arrays:
+        yield cfg.norm.gy(np.asarray(a["dose"], np.float32)), np.asarray(a["psdm"][:, i]) > 0
 
 
 def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainConfig, g: torch.Generator,
@@ -465,6 +474,11 @@ class TrainLoop:
                                     "Give the card the run started with, or start a new run folder.")
             doses = stage1_cache(cache, run_dir / "stage1", self.stage1, first, device)
         self.data = SliceCache(cache, "train", doses)
+        # what the card is read out with: the run's model, normalised to its own training plans if asked
+        self.card_cfg = self.mcfg
+        if tcfg.normalise:
+            level = training_level(primary_target_doses(self.data, self.mcfg))
+            self.card_cfg = replace(self.mcfg, diffusion=replace(self.mcfg.diffusion, target_mean_gy=round(level, 3)))
         self.training_data = _training_data(cache, tcfg.init)
         self.val = SliceCache(cache, "validation", doses) if self.rank == 0 and tcfg.val_every else None
         self.diffusion = Diffusion(self.mcfg.diffusion)
@@ -634,7 +648,7 @@ class TrainLoop:
                                  "learning_curve": curve},
                     "validation_subset": v}
             model = weights if self.stage1 is None else TwoStage(self.stage1, weights)
-            save_model(model, self.mcfg, self.best_card, info, half=True, overwrite=True)
+            save_model(model, self.card_cfg, self.best_card, info, half=True, overwrite=True)
         plot_curves(self.log_path, self.run_dir / "curves.png")
 
     def save_checkpoint(self) -> None:

@@ -786,6 +786,7 @@ _table("traceback", _predict_to_nrrd, [
     ("batch_size_zero", ("--batch-size", "0"), "--batch-size: .*outside"),
     ("z_smoothing_negative", ("--z-smoothing", "-1"), r"z smoothing must be 0 to 10 mm \(got -1 mm\)"),
     ("z_smoothing_nan", ("--z-smoothing", "nan"), r"z smoothing must be 0 to 10 mm \(got nan mm\)"),
+    ("normalise_without_a_level", ("--normalise",), "This model card has no normalisation level"),
 ])
 _table("traceback", lambda root, card, *sets: _train(root, *sets), [
     ("set_value_not_a_number", ("lr=abc",), r"--set lr=.abc. is not a valid float"),
@@ -798,6 +799,7 @@ _table("traceback", lambda root, card, *sets: _train(root, *sets), [
     ("set_steps_fractional", ("steps=1.5",), "steps='1.5' is not a valid int"),
     ("set_rotation_step_not_a_divisor", ("preset=test", "rotation_step_deg=7"), "rotation_step_deg 7 does not divide"),
     ("set_precision_unknown", ("precision=fp16",), "precision='fp16' is not one of auto, fp32, bf16"),
+    ("set_normalise_not_yes_or_no", ("normalise=maybe",), "normalise='maybe' is not a valid bool"),
 ])
 _table("traceback", _openkbp_file, [
     ("openkbp_ct_csv_garbage", ("ct.csv", ",data\nx,y\n"), "Cannot parse OpenKBP file .*ct.csv"),

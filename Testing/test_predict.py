@@ -342,3 +342,101 @@ def test_cpu_batches_hold_4_slices_in_fp32_and_16_in_bf16_memory_permitting(monk
     assert runtime.batch_size_for(net, cpu) == 4 and runtime.batch_size_for(net, cpu, dtype=torch.bfloat16) == 16
     monkeypatch.setattr(runtime, "available_memory_bytes", lambda _d: 6 * runtime.activation_bytes_per_slice(net))
     assert runtime.batch_size_for(net, cpu, dtype=torch.bfloat16) == 3  # half the free memory
+
+
+def test_plan_normalisation_scales_each_sample_to_the_level_and_keeps_its_shape():
+    from DoseDiffLib.normalisation import scale_to_level, training_level
+
+    gy = np.zeros((2, 1, 2, 3), np.float32)
+    gy[0, 0] = [[70, 68, 10], [0, 5, 2]]     # target mean 69 Gy
+    gy[1, 0] = [[75, 73, 20], [1, 6, 3]]     # target mean 74 Gy
+    target = np.zeros((1, 2, 3), bool)
+    target[0, 0, :2] = True
+    out, factors = scale_to_level(gy, target, 71.5)
+    np.testing.assert_allclose(factors, [71.5 / 69, 71.5 / 74], rtol=1e-6)
+    np.testing.assert_allclose(out[:, target].mean(axis=1), [71.5, 71.5], rtol=1e-6)
+    np.testing.assert_allclose(out[0], gy[0] * 71.5 / 69, rtol=1e-6)   # one factor per sample, everywhere
+    with pytest.raises(DoseDiffError, match="primary target is empty"):
+        scale_to_level(gy, np.zeros_like(target), 71.5)
+    with pytest.raises(DoseDiffError, match="dose in the primary target is zero"):
+        scale_to_level(np.zeros_like(gy), target, 71.5)
+    # the median of the plans' target means; a plan without the target does not count
+    plans = [(np.array([70.0, 72.0, 0.0]), np.array([True, True, False])),
+             (np.array([73.0, 9.0]), np.array([True, False])),
+             (np.array([60.0, 74.0]), np.array([True, True])),
+             (np.array([50.0]), np.array([False]))]
+    assert training_level(plans) == 71.0     # median of 71, 73 and 67
+    with pytest.raises(DoseDiffError, match="No training plan contains"):
+        training_level(plans[3:])
+
+
+def test_plan_normalisation_comes_from_the_card_scales_the_whole_dose_and_warns_when_it_does_real_work(
+        model, phantom):
+    from dataclasses import replace
+
+    from DoseDiffLib.predict import resolve_sampler
+
+    net, cfg, _ = model
+    ct, masks = phantom
+    assert resolve_sampler(cfg)[1].target_mean_gy == 0.0
+    with pytest.raises(DoseDiffError, match="no normalisation level"):
+        resolve_sampler(cfg, normalise=True)
+    inputs = prepare_case(ct, masks, cfg)
+    plain = predict_case(inputs, net, cfg, steps=2, seed=3)
+    assert plain.info["normalisation_factors"] == [1.0] and plain.info["target_mean_gy"] == 0.0
+    # the raw prediction's mean in PTV70 on the model grid, from the same samples
+    from DoseDiffLib.predict import dose_rows, samples_in_gy, sample_dose, slice_stack
+
+    stack = slice_stack(inputs.ct, inputs.masks, cfg)
+    rows = dose_rows(stack, cfg, inputs.ct.spacing[2])
+    _, smp = resolve_sampler(cfg, steps=2)
+    x = np.full((1,) + inputs.ct.array.shape, -1.0, np.float32)
+    x[:, stack.slices[rows]] = sample_dose(net, cfg, stack, rows, smp, seed=3)
+    raw_gy, _ = samples_in_gy(x, inputs, cfg, smp, stack.slices[rows])
+    raw = float(raw_gy[0][inputs.masks["PTV70"].array > 0].mean())
+    for ratio, warned in ((1.02, False), (1.2, True)):
+        level_cfg = replace(cfg, diffusion=replace(cfg.diffusion, target_mean_gy=raw * ratio))
+        assert resolve_sampler(level_cfg)[1].target_mean_gy == pytest.approx(raw * ratio)
+        assert resolve_sampler(level_cfg, normalise=False)[1].target_mean_gy == 0.0
+        gy, factors = samples_in_gy(x, inputs, level_cfg, resolve_sampler(level_cfg, steps=2)[1],
+                                    stack.slices[rows])
+        assert factors == [pytest.approx(ratio, rel=1e-5)]
+        assert gy[0][inputs.masks["PTV70"].array > 0].mean() == pytest.approx(raw * ratio, rel=1e-5)
+        scaled = predict_case(inputs, net, level_cfg, steps=2, seed=3)
+        assert scaled.info["normalisation_factors"] == [pytest.approx(ratio, abs=1e-4)]
+        # resampling to the CT grid is linear, so the whole dose carries the one factor
+        np.testing.assert_allclose(scaled.dose.array, plain.dose.array * ratio, rtol=1e-4, atol=1e-4)
+        notes = [w for w in scaled.info["warnings"] if "normalised" in w]
+        assert bool(notes) == warned
+        if warned:
+            assert f"PTV70 at {raw:.1f} Gy, -17 % from the {raw * ratio:.1f} Gy" in notes[0]
+        unscaled = predict_case(inputs, net, level_cfg, steps=2, seed=3, normalise=False)
+        np.testing.assert_array_equal(unscaled.dose.array, plain.dose.array)
+    # a plan prescribed 35 Gy is seen by the model at twice its dose: the level follows the prescription
+    level_cfg = replace(cfg, diffusion=replace(cfg.diffusion, target_mean_gy=raw * 1.1))
+    from DoseDiffLib.prescription import PrescriptionMap
+
+    half = replace(inputs, prescription=PrescriptionMap({"PTV60": 35.0}, {"PTV70": ["PTV60"]}, 2.0))
+    gy, factors = samples_in_gy(x, half, level_cfg, resolve_sampler(level_cfg)[1], stack.slices[rows])
+    assert gy[0][inputs.masks["PTV70"].array > 0].mean() == pytest.approx(raw * 1.1 / 2.0, rel=1e-5)
+    assert factors == [pytest.approx(1.1, rel=1e-5)]
+
+
+def test_a_primary_target_lost_on_the_model_grid_is_refused_before_any_sampling(model, phantom, monkeypatch):
+    from dataclasses import replace
+
+    import DoseDiffLib.predict as predict
+
+    net, cfg, _ = model
+    ct, masks = phantom
+    level_cfg = replace(cfg, diffusion=replace(cfg.diffusion, target_mean_gy=71.5))
+    inputs = prepare_case(ct, masks, level_cfg)
+    lost = replace(inputs, masks={**inputs.masks, "PTV70": inputs.masks["PTV70"].with_array(
+        np.zeros_like(inputs.masks["PTV70"].array))})
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before refusing")
+
+    monkeypatch.setattr(predict, "sample_dose", no_sampling)
+    with pytest.raises(DoseDiffError, match="primary target is empty on the model grid"):
+        predict_case(lost, net, level_cfg, steps=2, seed=3)

@@ -777,3 +777,32 @@ def test_whole_patient_steps_train_resume_and_are_refused_for_epsilon_networks(t
               torch.device("cpu"))
     with pytest.raises(DoseDiffError, match="epsilon"):
         TrainConfig.from_settings(**{**common, "prediction": "epsilon"})
+
+
+def test_normalise_puts_the_training_plans_median_target_mean_in_the_card_and_a_warm_start_keeps_it(tmp_path):
+    """The level is the median over the cached training plans of the mean dose in PTV70 (Gy),
+    computed here from the cache files by hand; validation patients do not count."""
+    from DoseDiffLib.cli import _train_settings
+    from DoseDiffLib.modelcard import read_card
+    from DoseDiffLib.train import train
+
+    cache = make_cache(tmp_path, n_patients=3)
+    index = json.loads((cache / "index.json").read_text())
+    means = []
+    for e in index["splits"]["train"]:
+        dose = (np.load(cache / f"{e['pid']}_dose.npy").astype(np.float32) + 1) / 2 * 80
+        inside = np.load(cache / f"{e['pid']}_psdm.npy")[:, CACHE_ROIS.index("PTV70")] > 0
+        means.append(dose[inside].mean())
+    common = dict(preset="test", steps=1, batch_size=2, val_every=1, val_patients=1, threads=1, sampler="regression")
+    card = train(cache, tmp_path / "run", TrainConfig.from_settings(**common, normalise=True), torch.device("cpu"))
+    c = read_card(card)
+    assert c["config"]["diffusion"]["target_mean_gy"] == pytest.approx(np.median(means), abs=1e-3)
+    assert c["training"]["recipe"]["normalise"] is True
+    # the run's checkpoint holds the model as trained, so it resumes under the same settings
+    train(cache, tmp_path / "run", TrainConfig.from_settings(**{**common, "steps": 2}, normalise=True),
+          torch.device("cpu"))
+    plain = read_card(train(cache, tmp_path / "plain", TrainConfig.from_settings(**common), torch.device("cpu")))
+    assert plain["config"]["diffusion"]["target_mean_gy"] == 0.0
+    assert _train_settings([f"init={card}"]).normalise is True
+    assert _train_settings([f"init={card}", "normalise=False"]).normalise is False
+    assert _train_settings([f"init={tmp_path / 'plain' / 'best.json'}"]).normalise is False

@@ -52,7 +52,7 @@ def main() -> None:
         x = np.full((smp.samples,) + p.ct.array.shape, -1.0, np.float32)
         x[:, stack.slices[rows]] = sample_dose(model, cfg, stack, rows, smp, seed=0)
         pdm = inputs.masks[POSSIBLE_DOSE].array.astype(bool)
-        gy = samples_in_gy(x, inputs, cfg, smp, stack.slices[rows])  # as dosediff predict does
+        gy, _ = samples_in_gy(x, inputs, cfg, smp, stack.slices[rows])  # as dosediff predict does
         mean, sd = gy.mean(0), gy.std(0, ddof=1)
         ref = p.dose.array
         sel = pdm & (ref > 5.0)

@@ -507,12 +507,14 @@ def test_recipes_written_before_the_run_held_its_model_configuration_still_read(
     defaults = {**MODEL_SETTINGS, **TrainConfig().recipe()}
     assert all(now[k] == defaults[k] for k in set(now) - set(recipe))
     # a checkpoint of such a run resumes; another lr is refused by name
-    # as training wrote it: without the test-time settings added when the model was bundled
-    trained_config = dict(card["config"], diffusion={k: v for k, v in card["config"]["diffusion"].items()
-                                                     if k not in ("flip", "z_smoothing_mm")})
+    # as training wrote it: the read-out its recipe set (older recipes had none), without the normalisation
+    # level, which goes into the card only (from the training cache)
+    trained_config = dict(card["config"], diffusion={**card["config"]["diffusion"], "target_mean_gy": 0.0,
+                                                     "flip": recipe.get("flip", False),
+                                                     "z_smoothing_mm": recipe.get("z_smoothing_mm", 0.0)})
     saved = {"train_config": recipe, "model_config": json.dumps(trained_config)}
     _check_resume(saved, tcfg, Path("checkpoint.pt"))
-    with pytest.raises(DoseDiffError, match=r"lr 0.0003 -> 0.001"):
+    with pytest.raises(DoseDiffError, match=rf"lr {recipe['lr']} -> 0.001"):
         _check_resume(saved, TrainConfig.from_settings(**{**recipe, "lr": 1e-3}), Path("checkpoint.pt"))
 
 

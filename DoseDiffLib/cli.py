@@ -771,7 +771,7 @@ def _train_settings(items: list[str]) -> "TrainConfig":
 # alike (the normalisation level itself is recomputed from the new run's training plans).
 INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "beam_oars", "middle_blocks", "loss",
              "outside_weight", "last_step_fraction", "dvh_weight", "gradient_weight", "patient_every",
-             "patient_dvh_weight", "flip", "z_smoothing_mm", "normalise")
+             "patient_dvh_weight", "flip", "z_smoothing_mm", "normalise", "normalise_targets")
 
 
 def _inherited_settings(card: dict, known: list[str]) -> dict:

@@ -28,15 +28,28 @@ def primary_target(cfg: ModelConfig) -> str:
     return max((n for n, _ in cfg.conditions.ptv_weights), key=lambda n: TARGETS[n])
 
 
-def training_level(plans: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
-    """Median over training plans of the mean dose (Gy, model levels) in the primary target;
-    `plans` yields (dose, target mask) pairs. Plans without the target are skipped."""
-    means = [float(dose[mask].mean()) for dose, mask in plans if mask.any()]
-    if not means:
+def target_means(plans: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Mean dose (Gy) in the primary target of each plan from (dose, target mask) pairs; NaN
+    for a plan without the target."""
+    return np.array([float(dose[mask].mean()) if mask.any() else np.nan for dose, mask in plans])
+
+
+def training_level(means: np.ndarray) -> float:
+    """Median over training plans of the mean dose (Gy, model levels) in the primary target
+    (`target_means`). Plans without the target are skipped."""
+    means = np.asarray(means, np.float64)
+    if not np.isfinite(means).any():
         raise DoseDiffError("No training plan contains the model's primary target, so there is no level to "
                             "normalise predictions to.",
                             "Check the cache's structures, or train with --set normalise=False.")
-    return float(np.median(means))
+    return float(np.median(means[np.isfinite(means)]))
+
+
+def plan_factors(means: np.ndarray, level: float) -> np.ndarray:
+    """The factor that puts each plan at the level (1 for a plan without the target): training on
+    plans scaled so removes the level's plan-to-plan spread, which no input predicts."""
+    means = np.asarray(means, np.float64)
+    return np.where(np.isfinite(means), level / np.where(np.isfinite(means), means, 1.0), 1.0)
 
 
 def require_target(target: np.ndarray) -> None:

@@ -35,7 +35,7 @@ from .evaluate import evaluate_patient
 from .metrics import dvh_score
 from .mmfnet import Ensemble, MMFNet, TwoStage
 from .modelcard import read_card, save_model
-from .normalisation import primary_target, training_level
+from .normalisation import plan_factors, primary_target, target_means, training_level
 from .plots import save_figure
 from .predict import dose_rows, resolve_sampler, sample_dose, stage1_dose
 from .prepare import CACHE_ROIS, describe_cache
@@ -120,6 +120,7 @@ class TrainConfig:
     swa_every: int = 0             # > 0: every this many steps from swa_start the weights join a uniform average
     swa_start: int = 0             # (stochastic weight averaging), validated and exported instead of the EMA
     normalise: bool = False        # the card normalises predictions to its training plans' level (normalisation.py)
+    normalise_targets: bool = False    # and each training plan is scaled to that level before the losses see it
 
     @classmethod
     def from_settings(cls, **settings: object) -> "TrainConfig":
@@ -144,6 +145,10 @@ class TrainConfig:
             raise DoseDiffError(f"rotation_step_deg {step:g} does not divide 360 degrees, so its turns would favour "
                                 "some directions.", "Use a divisor of 360 (40 maps the 9 OpenKBP beams onto "
                                 "themselves), or 0 for none.")
+        if settings.get("normalise_targets") and not settings.get("normalise"):
+            raise DoseDiffError("normalise_targets scales the training plans to the level that normalise reads "
+                                "predictions out at, and this run does not normalise.",
+                                "Add --set normalise=True, or drop normalise_targets.")
         if settings.get("stage1_jitter") and not settings.get("stage1"):
             raise DoseDiffError("stage1_jitter perturbs a first stage's dose, and this run has no first stage.",
                                 "Add --set stage1=CARD, or drop stage1_jitter.")
@@ -184,7 +189,7 @@ class SliceCache:
 
 
 def primary_target_doses(cache: SliceCache, cfg: ModelConfig) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(clinical dose in Gy, primary-target mask) of each cached patient, for normalisation.training_level."""
+    """(clinical dose in Gy, primary-target mask) of each cached patient, for normalisation.target_means."""
     i = CACHE_ROIS.index(primary_target(cfg))
     for a in cache.arrays:
         yield cfg.norm.gy(np.asarray(a["dose"], np.float32)), np.asarray(a["psdm"][:, i]) > 0
@@ -476,9 +481,13 @@ class TrainLoop:
         self.data = SliceCache(cache, "train", doses)
         # what the card is read out with: the run's model, normalised to its own training plans if asked
         self.card_cfg = self.mcfg
+        self.dose_factors = np.ones(len(self.data.entries))   # per training patient, normalise_targets
         if tcfg.normalise:
-            level = training_level(primary_target_doses(self.data, self.mcfg))
-            self.card_cfg = replace(self.mcfg, diffusion=replace(self.mcfg.diffusion, target_mean_gy=round(level, 3)))
+            means = target_means(primary_target_doses(self.data, self.mcfg))
+            level = round(training_level(means), 3)
+            self.card_cfg = replace(self.mcfg, diffusion=replace(self.mcfg.diffusion, target_mean_gy=level))
+            if tcfg.normalise_targets:
+                self.dose_factors = plan_factors(means, level)
         self.training_data = _training_data(cache, tcfg.init)
         self.val = SliceCache(cache, "validation", doses) if self.rank == 0 and tcfg.val_every else None
         self.diffusion = Diffusion(self.mcfg.diffusion)
@@ -522,12 +531,20 @@ class TrainLoop:
         return (ct.contiguous(memory_format=torch.channels_last), cond.contiguous(memory_format=torch.channels_last),
                 ps, dose, weight)
 
+    def scaled(self, dose: torch.Tensor, patients: np.ndarray) -> torch.Tensor:
+        """Doses (network units) of these training patients' slices scaled by their dose_factors."""
+        if not self.tcfg.normalise_targets:
+            return dose
+        f = torch.as_tensor(self.dose_factors[patients], dtype=dose.dtype, device=dose.device)
+        return ((dose + 1) * f.reshape(-1, *[1] * (dose.ndim - 1)) - 1).clamp(max=1.0)
+
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimisation step on a random batch; returns (loss, gradient norm)."""
         tcfg, mcfg, device, g = self.tcfg, self.mcfg, self.device, self.g
         idx = torch.randint(0, len(self.data), (tcfg.batch_size,), generator=g).numpy()
         # augmentation and channels on the training device: on a GPU the CPU only gathers slices
         ct, ps, ps_ctx, dose = (x.to(device, non_blocking=True) for x in self.data.batch(idx, mcfg))
+        dose = self.scaled(dose, self.data.items[idx][:, 0])
         ct, cond, ps, dose, weight = self.inputs(ct, ps, ps_ctx, dose)
         with self.autocast():
             loss, x0 = self.diffusion.loss(lambda x, t: self.net(x, t, ct, cond), dose, generator=g, kind=tcfg.loss,
@@ -560,7 +577,7 @@ class TrainLoop:
         arrays, entry = self.data.arrays[p], self.data.entries[p]
         rows = np.arange(len(entry["slices"]))
         ct, ps, ps_ctx = gather(arrays["ct"], arrays["psdm"], rows, mcfg, self.data.stage1[p])
-        dose = torch.from_numpy(np.asarray(arrays["dose"], np.float32))[:, None]
+        dose = self.scaled(torch.from_numpy(np.asarray(arrays["dose"], np.float32))[:, None], np.full(len(rows), p))
         ct, ps, ps_ctx, dose = (x.to(device) for x in (ct, ps, ps_ctx, dose))
         # each slice turns on its own, dose and ROIs with it, so every ROI's dose distribution stays its own
         ct, cond, ps, dose, weight = self.inputs(ct, ps, ps_ctx, dose)

@@ -345,7 +345,7 @@ def test_cpu_batches_hold_4_slices_in_fp32_and_16_in_bf16_memory_permitting(monk
 
 
 def test_plan_normalisation_scales_each_sample_to_the_level_and_keeps_its_shape():
-    from DoseDiffLib.normalisation import scale_to_level, training_level
+    from DoseDiffLib.normalisation import plan_factors, scale_to_level, target_means, training_level
 
     gy = np.zeros((2, 1, 2, 3), np.float32)
     gy[0, 0] = [[70, 68, 10], [0, 5, 2]]     # target mean 69 Gy
@@ -365,9 +365,13 @@ def test_plan_normalisation_scales_each_sample_to_the_level_and_keeps_its_shape(
              (np.array([73.0, 9.0]), np.array([True, False])),
              (np.array([60.0, 74.0]), np.array([True, True])),
              (np.array([50.0]), np.array([False]))]
-    assert training_level(plans) == 71.0     # median of 71, 73 and 67
+    means = target_means(plans)
+    np.testing.assert_array_equal(means, [71.0, 73.0, 67.0, np.nan])
+    assert training_level(means) == 71.0     # median of 71, 73 and 67
+    # training targets: each plan scaled onto the level, one without the target left as it is
+    np.testing.assert_allclose(plan_factors(means, 71.0), [1.0, 71 / 73, 71 / 67, 1.0])
     with pytest.raises(DoseDiffError, match="No training plan contains"):
-        training_level(plans[3:])
+        training_level(target_means(plans[3:]))
 
 
 def test_plan_normalisation_comes_from_the_card_scales_the_whole_dose_and_warns_when_it_does_real_work(

@@ -808,3 +808,48 @@ def test_normalise_puts_the_training_plans_median_target_mean_in_the_card_and_a_
     assert _train_settings([f"init={card}"]).normalise is True
     assert _train_settings([f"init={card}", "normalise=False"]).normalise is False
     assert _train_settings([f"init={tmp_path / 'plain' / 'best.json'}"]).normalise is False
+
+
+def test_normalise_targets_trains_on_each_plan_scaled_so_its_ptv70_mean_is_the_level(tmp_path):
+    """Both kinds of step (random slices, a whole patient) hand the losses the clinical dose of
+    each slice's own patient times level / that plan's PTV70 mean, computed here from the files."""
+    from DoseDiffLib.cli import _inherited_settings
+    from DoseDiffLib.train import TrainLoop
+
+    cache = make_cache(tmp_path, n_patients=3)
+    index = json.loads((cache / "index.json").read_text())
+    doses, means = [], []
+    for e in index["splits"]["train"]:
+        units = np.load(cache / f"{e['pid']}_dose.npy").astype(np.float32)
+        inside = np.load(cache / f"{e['pid']}_psdm.npy")[:, CACHE_ROIS.index("PTV70")] > 0
+        doses.append(units)
+        means.append(((units + 1) / 2 * 80)[inside].mean())
+    level = round(float(np.median(means)), 3)      # the level as the card carries it
+    common = dict(preset="test", steps=2, batch_size=3, val_every=0, threads=1, sampler="regression",
+                  prediction="x0", patient_every=2, normalise=True, normalise_targets=True)
+    loop = TrainLoop(cache, tmp_path / "run", TrainConfig.from_settings(**common), torch.device("cpu"))
+    assert not np.allclose(level / np.array(means), 1.0, atol=1e-3)   # the plans do differ in level
+    seen, drawn = [], []
+    inputs, batch = loop.inputs, loop.data.batch
+    loop.inputs = lambda ct, ps, ps_ctx, dose: seen.append(dose.clone()) or inputs(ct, ps, ps_ctx, dose)
+    loop.data.batch = lambda idx, cfg: drawn.append(idx.copy()) or batch(idx, cfg)
+    loop.run()
+    assert len(seen) == 2
+    factors = level / np.array(means)
+    rows = loop.data.items[drawn[0]]               # step 1: random slices of several patients
+    want = np.stack([doses[p][z] for p, z in rows])[:, None]
+    np.testing.assert_allclose(seen[0].numpy(), np.minimum((want + 1) * factors[rows[:, 0]].reshape(-1, 1, 1, 1) - 1,
+                                                           1.0), atol=1e-5)
+    whole = [p for p, d in enumerate(doses)         # step 2: every slice of one patient
+             if d.shape[0] == len(seen[1]) and np.allclose(np.minimum((d[:, None] + 1) * factors[p] - 1, 1.0),
+                                                           seen[1].numpy(), atol=1e-5)]
+    assert len(whole) == 1
+    inside = np.load(cache / f"{index['splits']['train'][whole[0]]['pid']}_psdm.npy")[:, CACHE_ROIS.index("PTV70")] > 0
+    scaled = (doses[whole[0]] + 1) * factors[whole[0]] - 1     # before capping at the dose scale's top (80 Gy)
+    assert ((scaled + 1) / 2 * 80)[inside].mean() == pytest.approx(level, rel=1e-5)
+    # without normalise there is no level: refused; a warm start keeps the setting
+    with pytest.raises(DoseDiffError, match="normalise_targets"):
+        TrainConfig.from_settings(**{**common, "normalise": False})
+    recipe = {"training": {"recipe": {"normalise": True, "normalise_targets": True}}}
+    assert _inherited_settings(recipe, ["normalise", "normalise_targets"]) == {"normalise": True,
+                                                                                "normalise_targets": True}

@@ -771,7 +771,8 @@ def _train_settings(items: list[str]) -> "TrainConfig":
 # alike (the normalisation level itself is recomputed from the new run's training plans).
 INHERITED = ("preset", "prediction", "sampler", "context", "beams", "beam_mu", "beam_oars", "middle_blocks", "loss",
              "outside_weight", "last_step_fraction", "dvh_weight", "gradient_weight", "patient_every",
-             "patient_dvh_weight", "flip", "z_smoothing_mm", "normalise", "normalise_targets")
+             "patient_dvh_weight", "flip", "z_smoothing_mm", "normalise", "normalise_targets", "mirror_flag",
+             "independent_flip")
 
 
 def _inherited_settings(card: dict, known: list[str]) -> dict:
@@ -786,6 +787,7 @@ def _inherited_settings(card: dict, known: list[str]) -> dict:
     out.setdefault("beams", bool(conditions.get("beam_targets")))
     out.setdefault("beam_mu", float(conditions.get("beam_mu_per_mm", 0.0)))
     out.setdefault("beam_oars", bool(conditions.get("beam_oars")))
+    out.setdefault("mirror_flag", bool(conditions.get("mirror_flag", False)))
     out.setdefault("middle_blocks", int(net.get("middle_blocks", 0)))
     out.setdefault("flip", bool(diffusion.get("flip", False)))
     out.setdefault("z_smoothing_mm", float(diffusion.get("z_smoothing_mm", 0.0)))

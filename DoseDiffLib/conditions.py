@@ -177,11 +177,13 @@ def beams_via(target_hits: torch.Tensor, oar_hits: torch.Tensor) -> torch.Tensor
 
 
 def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: ModelConfig,
-             directions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             directions: torch.Tensor | None = None,
+             mirrored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ordered network inputs (ct (B, Cct, H, W), conditions (B, C, H, W)).
 
     `directions` are the beams in the image frame; augmentation that rotates or mirrors
-    the patient passes them rotated or mirrored with it (default: the patient's frame).
+    the patient passes them rotated or mirrored with it (default: the patient's frame), and
+    `mirrored` (B,) says which slices it mirrored (default: none).
     """
     c = cfg.conditions
     pos = {r: i for i, r in enumerate(STACK_ROIS)}
@@ -203,6 +205,9 @@ def assemble(ct_ctx: torch.Tensor, ps: torch.Tensor, ps_ctx: torch.Tensor, cfg: 
         if c.beam_oars:
             oars = inside[:, [pos[o] for o in c.beam_oars]] > 0
             chans += list(beams_via(hits, beam_hits(oars, directions)).unbind(1))
+    if c.mirror_flag:
+        flag = torch.zeros(ps.shape[0], dtype=ps.dtype, device=ps.device) if mirrored is None else mirrored
+        chans.append(flag.to(ps.dtype).reshape(-1, 1, 1).expand(-1, *ps.shape[-2:]))
     return ct_ctx, torch.stack(chans, dim=1)
 
 
@@ -217,3 +222,14 @@ def mirror_channels(cfg: ModelConfig) -> tuple[list[int], list[int]]:
             return f"{kind}:{swap[roi]}" if roi in swap else name
         return [names.index(other(n)) for n in names]
     return perm(cfg.conditions.ct_channel_names()), perm(cfg.conditions.channel_names())
+
+
+def mirror_view(ct: torch.Tensor, cond: torch.Tensor, cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Assembled inputs of the left-right mirrored patient: flipped, paired channels swapped
+    and the mirror flag (if the model has one) toggled, so mirroring twice is the identity."""
+    perm_ct, perm_cond = mirror_channels(cfg)
+    ct, cond = ct[:, perm_ct].flip(-1), cond[:, perm_cond].flip(-1)
+    if cfg.conditions.mirror_flag:
+        cond = cond.clone()
+        cond[:, -1] = 1 - cond[:, -1]
+    return ct, cond

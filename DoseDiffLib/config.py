@@ -100,6 +100,11 @@ class ConditionConfig:
     # the slice and its context slices joins the CT encoder's inputs, in network units,
     # -1 where no dose is possible. It carries the dose's 3-D shape the slices share.
     stage1_dose: bool = False
+    # A last channel, 1 where the slice is the left-right mirror of a patient, 0 where it is
+    # the patient as imaged. Plans need not be mirror-symmetric (the mirrored view of a network
+    # that cannot tell puts the parotids' mean doses off by side, README), so a network told
+    # which view it sees can learn both the plan and its mirror image.
+    mirror_flag: bool = False
 
     @property
     def n_channels(self) -> int:
@@ -122,7 +127,8 @@ class ConditionConfig:
                 + [f"PTV weighted@{o:+d}" for o in self.context_offsets]
                 + [f"beams:{t}" for t in self.beam_targets]
                 + [f"beams attenuated:{t}" for t in (self.beam_targets if self.beam_mu_per_mm > 0 else ())]
-                + [f"beams via:{o}" for o in self.beam_oars])
+                + [f"beams via:{o}" for o in self.beam_oars]
+                + (["mirrored"] if self.mirror_flag else []))
 
     def ct_channel_names(self) -> list[str]:
         stage1 = ["stage-1 dose"] + [f"stage-1 dose@{o:+d}" for o in self.context_offsets] if self.stage1_dose else []

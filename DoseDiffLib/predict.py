@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .conditions import STACK_ROIS, SliceStack, assemble, gather, mirror_channels, neighbours, slice_stack
+from .conditions import STACK_ROIS, SliceStack, assemble, gather, mirror_view, neighbours, slice_stack
 from .config import (BODY_THRESHOLD_HU, HU_MIN_SPAN, HU_NORMALISED_LIMIT, HU_UNRESCALED_MAX, POSSIBLE_DOSE,
                      MAX_Z_SMOOTHING_MM, SAMPLERS, TARGET_SLAB_MARGIN_MM, TARGETS, ModelConfig,
                      SamplerConfig)
@@ -312,7 +312,6 @@ def sample_dose(model: MMFNet | TwoStage | Ensemble, cfg: ModelConfig, stack: Sl
     out = np.full((sampler.samples, len(rows), h, w), -1.0, np.float32)
     views = 2 if sampler.flip else 1
     total, done = sampler.samples * views * -(-len(rows) // batch) * sampler.steps, 0
-    perm_ct, perm_cond = mirror_channels(cfg)
 
     def tick(_i: int, _n: int) -> None:
         nonlocal done
@@ -333,7 +332,7 @@ def sample_dose(model: MMFNet | TwoStage | Ensemble, cfg: ModelConfig, stack: Sl
                 for view in range(views):
                     c, k, x_T = ct_t, cond_t, noise[b0:b0 + batch]
                     if view:
-                        c, k, x_T = c[:, perm_ct].flip(-1), k[:, perm_cond].flip(-1), x_T.flip(-1)
+                        (c, k), x_T = mirror_view(c, k, cfg), x_T.flip(-1)
                     c = c.to(device, param_dtype, memory_format=torch.channels_last)
                     k = k.to(device, param_dtype, memory_format=torch.channels_last)
                     x = diffusion.ddim_sample(lambda x, t: _network(model, device, amp, x, t, c, k), x_T.shape,

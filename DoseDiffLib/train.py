@@ -46,13 +46,13 @@ from .runtime import network_dtype
 # the ModelConfig it trains, also the flat keys of every recipe a card or checkpoint keeps.
 MODEL_SETTINGS: dict[str, object] = {"preset": "tiny", "prediction": "epsilon", "sampler": "ddim", "context": 0,
                                      "beams": False, "beam_mu": 0.0, "beam_oars": False,
-                                     "middle_blocks": 0, "flip": False, "z_smoothing_mm": 0.0}
+                                     "middle_blocks": 0, "flip": False, "z_smoothing_mm": 0.0, "mirror_flag": False}
 
 
 def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampler: str = "ddim",
                         context: int = 0, beams: bool = False, beam_mu: float = 0.0,
                         beam_oars: bool = False, middle_blocks: int = 0, flip: bool = False,
-                        z_smoothing_mm: float = 0.0) -> ModelConfig:
+                        z_smoothing_mm: float = 0.0, mirror_flag: bool = False) -> ModelConfig:
     """The one place the shorthands become a model configuration (every other setting of it,
     such as an added condition channel, is given as a ModelConfig)."""
     base = ModelConfig.preset(preset)
@@ -65,7 +65,7 @@ def model_from_settings(preset: str = "tiny", prediction: str = "epsilon", sampl
         raise DoseDiffError("beam_oars=True counts beam lines through the targets, but there are none.",
                             "Add --set beams=True.")
     cfg = base.with_conditions(ConditionConfig(context=context, beam_targets=targets, beam_mu_per_mm=float(beam_mu),
-                                               beam_oars=OARS if beam_oars else ()))
+                                               beam_oars=OARS if beam_oars else (), mirror_flag=bool(mirror_flag)))
     return replace(cfg, diffusion=replace(cfg.diffusion, prediction=prediction, sampler=sampler, flip=bool(flip),
                                           z_smoothing_mm=float(z_smoothing_mm)))
 
@@ -80,7 +80,7 @@ def model_settings(cfg: ModelConfig) -> dict[str, object]:
             "context": cfg.conditions.context, "beams": bool(cfg.conditions.beam_targets),
             "beam_mu": cfg.conditions.beam_mu_per_mm, "beam_oars": bool(cfg.conditions.beam_oars),
             "middle_blocks": cfg.net.middle_blocks, "flip": cfg.diffusion.flip,
-            "z_smoothing_mm": cfg.diffusion.z_smoothing_mm}
+            "z_smoothing_mm": cfg.diffusion.z_smoothing_mm, "mirror_flag": cfg.conditions.mirror_flag}
 
 
 @dataclass
@@ -96,6 +96,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     aug_p: float = 0.8
+    independent_flip: bool = False  # each slice mirrored with p = 1/2, augmented otherwise or not (else: aug_p / 2)
     max_rotation_deg: float = 15.0
     rotation_step_deg: float = 0.0  # > 0: augmented slices also turn by a random multiple of this (40: OpenKBP's beams)
     zoom: float = 0.1
@@ -202,13 +203,15 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
 
     A left-right flip also swaps the parotid channels, so 'left' stays anatomical; a
     zoom by s multiplies the PSDMs by s, since every distance in the image grows by s.
-    The beams (B, A, 2) turn with the patient: returned in the augmented image's frame.
+    The beams (B, A, 2) turn with the patient: returned in the augmented image's frame,
+    with which slices were mirrored (B,) for a mirror-flag channel.
     A turn by a multiple of rotation_step_deg = 40 maps the 9 equispaced OpenKBP beams onto
     themselves, so the turned slice is a plan of the same beam set (C3D's augmentation).
     """
     b = ct.shape[0]
     apply = torch.rand(b, generator=g) < cfg.aug_p
-    flip = (torch.rand(b, generator=g) < 0.5) & apply
+    flip = torch.rand(b, generator=g) < 0.5   # the same draws either way, so earlier recipes repeat exactly
+    flip = flip if cfg.independent_flip else flip & apply
     ang = (torch.rand(b, generator=g) * 2 - 1) * math.radians(cfg.max_rotation_deg) * apply
     if cfg.rotation_step_deg:   # drawn only when set, so earlier recipes draw the same augmentations
         turns = torch.randint(0, round(360 / cfg.rotation_step_deg), (b,), generator=g)
@@ -240,7 +243,7 @@ def augment(ct: torch.Tensor, ps: torch.Tensor, dose: torch.Tensor, cfg: TrainCo
     inv = torch.linalg.inv(theta[:, :, :2])
     beams = torch.einsum("bij,baj->bai", inv, beams.to(inv.device))
     beams = beams / beams.norm(dim=-1, keepdim=True)
-    return ct, ps, dose, ps_ctx, beams
+    return ct, ps, dose, ps_ctx, beams, flip
 
 
 def jitter_stage1(ct: torch.Tensor, first: int, amount: float, g: torch.Generator) -> torch.Tensor:
@@ -522,10 +525,10 @@ class TrainLoop:
                dose: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Augmented slices as the network reads them: (ct, conditions, PSDMs, dose, voxel weight of the loss)."""
         tcfg, mcfg, g = self.tcfg, self.mcfg, self.g
-        ct, ps, dose, ps_ctx, beams = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(ct)))
+        ct, ps, dose, ps_ctx, beams, flip = augment(ct, ps, dose, tcfg, g, ps_ctx, beam_directions(mcfg, len(ct)))
         if mcfg.stage1 is not None:
             ct = jitter_stage1(ct, 1 + len(mcfg.conditions.context_offsets), tcfg.stage1_jitter, g)
-        ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams)
+        ct, cond = assemble(ct, ps, ps_ctx, mcfg, beams, flip)
         inside = (ps[:, CACHE_ROIS.index(POSSIBLE_DOSE)] > 0)[:, None]
         weight = torch.where(inside, 1.0, tcfg.outside_weight)
         return (ct.contiguous(memory_format=torch.channels_last), cond.contiguous(memory_format=torch.channels_last),

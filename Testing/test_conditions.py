@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from DoseDiffLib.conditions import (assemble, beam_directions, beam_hits, beam_lines, beams_via, gather,
-                                    mirror_channels, neighbours, slice_stack)
+                                    mirror_channels, mirror_view, neighbours, slice_stack)
 from DoseDiffLib.config import OARS, POSSIBLE_DOSE, ConditionConfig, ModelConfig
 from DoseDiffLib.losses import sorted_dose_l1
 from DoseDiffLib.phantom import head_and_neck
@@ -208,3 +208,31 @@ def test_beams_via_the_organs_follow_the_names_and_mirror_with_the_parotids():
     torch.testing.assert_close(a[:, perm].flip(-1), b, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="beam_targets"):
         ModelConfig.preset("test").with_conditions(ConditionConfig(beam_oars=("SpinalCord",)))
+
+
+def test_the_mirror_flag_is_the_last_channel_and_the_mirrored_view_is_what_training_sees():
+    """Prediction's mirrored view of a patient equals the inputs training assembles for the
+    mirrored patient with the flag set: the network meets that view only as it was taught."""
+    from dataclasses import replace
+
+    cfg = CFG.with_conditions(replace(CFG.conditions, beam_mu_per_mm=0.0045, beam_oars=OARS, mirror_flag=True))
+    names = cfg.conditions.channel_names()
+    assert names[-1] == "mirrored" and len(names) == CFG.conditions.n_channels + len(OARS) + 2 + 1
+    assert cfg.net.cond_channels == len(names)
+    (ct, own), (ct_m, mirrored) = phantom_and_mirror_inputs(cfg)
+    assert torch.all(own[:, -1] == 0) and torch.all(mirrored[:, -1] == 0)   # assembled without a flag: the patient
+    view_ct, view = mirror_view(ct, own, cfg)
+    assert torch.all(view[:, -1] == 1)
+    torch.testing.assert_close(view_ct, ct_m)
+    torch.testing.assert_close(view[:, :-1], mirrored[:, :-1], atol=1e-4, rtol=0)
+    back_ct, back = mirror_view(view_ct, view, cfg)                         # mirroring twice: the patient again
+    assert torch.equal(back_ct, ct) and torch.equal(back, own)
+    # training's flag: per slice, a constant plane of 1 where the slice was mirrored
+    ct_vol, masks = head_and_neck(shape=(10, 32, 32), spacing=(4.0, 4.0, 3.0))
+    masks[POSSIBLE_DOSE] = masks.pop("BODY")
+    s = slice_stack(ct_vol, masks, cfg)
+    flags = torch.tensor([True, False, True])
+    _, k = assemble(*gather(s.ct, s.psdm, np.array([2, 4, 6]), cfg), cfg, mirrored=flags)
+    assert torch.equal(k[:, -1], flags.float()[:, None, None].expand(-1, 32, 32))
+    _, plain = assemble(*gather(s.ct, s.psdm, np.array([2, 4, 6]), CFG), CFG)   # no flag: no channel
+    assert plain.shape[1] == k.shape[1] - len(OARS) - 2 - 1

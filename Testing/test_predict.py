@@ -444,3 +444,28 @@ def test_a_primary_target_lost_on_the_model_grid_is_refused_before_any_sampling(
     monkeypatch.setattr(predict, "sample_dose", no_sampling)
     with pytest.raises(DoseDiffError, match="primary target is empty on the model grid"):
         predict_case(lost, net, level_cfg, steps=2, seed=3)
+
+
+def test_the_mirrored_view_tells_a_flagged_network_it_is_mirrored(phantom):
+    """Training marks mirrored slices with the flag; prediction's mirrored view must too, and
+    the patient's own view must not."""
+    from DoseDiffLib.mmfnet import MMFNet
+    from DoseDiffLib.train import TrainConfig
+
+    cfg = TrainConfig.from_settings(preset="test", prediction="x0", sampler="regression", flip=True,
+                                    mirror_flag=True).model
+    seen = []
+
+    class Spy(MMFNet):
+        def forward(self, x, t, ct, cond):
+            seen.append(cond[:, -1].float().unique().tolist())
+            return super().forward(x, t, ct, cond)
+
+    torch.manual_seed(0)
+    ct, masks = phantom
+    inputs = prepare_case(ct, masks, cfg)
+    predict_case(inputs, Spy(cfg.net).eval(), cfg, seed=1, batch_size=64)
+    assert seen == [[0.0], [1.0]]                       # one batch: the patient, then its mirror image
+    seen.clear()
+    predict_case(inputs, Spy(cfg.net).eval(), cfg, seed=1, batch_size=64, flip=False)
+    assert seen == [[0.0]]

@@ -225,13 +225,14 @@ def saved_random_model(cfg: ModelConfig, card: Path, seed: int):
 
 
 def network_inputs(cfg: ModelConfig, psdm_sd: float = 0.1):
-    """The channels `cfg` builds from a random 5-slice CT and PSDMs (3 slices), a noisy dose and 3 timesteps."""
+    """The channels `cfg` builds from a random 5-slice CT and PSDMs (3 slices, two of them mirrored for
+    a mirror flag), a noisy dose and 3 timesteps."""
     from DoseDiffLib.conditions import assemble, gather
 
     rng = np.random.default_rng(0)
     ct = rng.uniform(-1, 1, (5, 32, 32)).astype(np.float32)
     ps = rng.normal(0, psdm_sd, (5, len(CACHE_ROIS), 32, 32)).astype(np.float32)
-    c, k = assemble(*gather(ct, ps, np.array([0, 2, 4]), cfg), cfg)
+    c, k = assemble(*gather(ct, ps, np.array([0, 2, 4]), cfg), cfg, mirrored=torch.tensor([True, False, True]))
     return c, k, torch.randn(3, 1, 32, 32), torch.tensor([10, 500, 999])
 
 
@@ -309,6 +310,19 @@ def test_warm_start_to_beams_via_the_organs_keeps_the_trained_function(tmp_path)
         TrainConfig.from_settings(preset="test", beam_oars=True)
 
 
+def test_warm_start_to_a_mirror_flag_keeps_the_trained_function(tmp_path):
+    """The flag joins behind every other channel; zero weights keep the function, and the
+    next warm start inherits it with the flips that train it."""
+    from DoseDiffLib.cli import _inherited_settings
+
+    old = dict(context=1, beams=True, beam_mu=0.0045, beam_oars=True)
+    grown_model_keeps_the_function(tmp_path, old, {**old, "mirror_flag": True}, ["mirrored"])
+    tcfg = TrainConfig.from_settings(preset="test", mirror_flag=True, independent_flip=True, **old)
+    card = {"training": {"recipe": tcfg.recipe()}, "config": tcfg.model.to_dict()}
+    inherited = _inherited_settings(card, list(tcfg.recipe()))
+    assert inherited["mirror_flag"] is True and inherited["independent_flip"] is True
+
+
 def test_warm_start_with_middle_blocks_keeps_the_function_and_the_new_blocks_learn(tmp_path):
     """Blocks added after the bottleneck start as identities; one step of training makes them differ."""
     import copy
@@ -358,7 +372,7 @@ def test_augmentation_turns_the_beams_with_the_patient():
     turned = 0
     for seed in range(6):
         # the beam map rides along as a context channel, warped exactly like the anatomy
-        _, ps2, _, ctx2, d2 = augment(ct, ps, dose, cfg, torch.Generator().manual_seed(seed),
+        _, ps2, _, ctx2, d2, _ = augment(ct, ps, dose, cfg, torch.Generator().manual_seed(seed),
                                       (before - 0.25).reshape(1, 1, 1, n, n), dirs)
         agree = lambda d: ((beam_lines(beam_hits(ps2[:, :1] > 0, d)) >= 0.5) == (ctx2[:, 0, 0] > 0)).float().mean().item()  # noqa: E731
         # strip edges alias by a pixel and the padding differs at the border: not 100 %
@@ -380,7 +394,7 @@ def test_turns_by_40_degrees_map_the_openkbp_beams_onto_themselves():
     cfg = TrainConfig(aug_p=1.0, max_rotation_deg=0, zoom=0, shift=0, rotation_step_deg=40)
     angles = set()
     for seed in range(40):
-        _, ps2, _, _, b2 = augment(ct, ps, dose, cfg, torch.Generator().manual_seed(seed), torch.zeros(1, 0, 1, n, n),
+        _, ps2, _, _, b2, _ = augment(ct, ps, dose, cfg, torch.Generator().manual_seed(seed), torch.zeros(1, 0, 1, n, n),
                                    beams)
         # every returned beam is one of the set (direction and sense), each used once
         match = (b2[0] @ beams[0].T - 1).abs() < 1e-5
@@ -853,3 +867,43 @@ def test_normalise_targets_trains_on_each_plan_scaled_so_its_ptv70_mean_is_the_l
     recipe = {"training": {"recipe": {"normalise": True, "normalise_targets": True}}}
     assert _inherited_settings(recipe, ["normalise", "normalise_targets"]) == {"normalise": True,
                                                                                 "normalise_targets": True}
+
+
+def test_independent_flip_mirrors_half_the_slices_and_keeps_the_other_draws():
+    ct, ps, dose = (x.repeat(64, 1, 1, 1) for x in blobs())
+    n = ct.shape[-1]
+    ctx, dirs = torch.zeros(64, 0, 1, n, n), beam_directions(ModelConfig.preset("test"), 64)
+
+    def run(**kw):
+        return augment(ct, ps, dose, TrainConfig(**kw), torch.Generator().manual_seed(3), ctx, dirs)
+
+    _, _, d, _, _, flip = run(aug_p=0.0, independent_flip=True)
+    assert 20 <= int(flip.sum()) <= 44                      # about half, though nothing else is augmented
+    torch.testing.assert_close(d[flip], dose[flip].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(d[~flip], dose[~flip], atol=1e-5, rtol=0)
+    assert not run(aug_p=0.0)[-1].any()                     # the old recipe: only augmented slices flip
+    old, new = run(aug_p=0.5), run(aug_p=0.5, independent_flip=True)
+    assert torch.all(new[-1] | ~old[-1]) and (new[-1] & ~old[-1]).any()   # the old flips are a subset
+    same = old[-1] == new[-1]                               # where the flip agrees, so does every other draw
+    torch.testing.assert_close(old[2][same], new[2][same], atol=1e-6, rtol=0)
+    torch.testing.assert_close(old[1][same], new[1][same], atol=1e-6, rtol=0)
+
+
+def test_training_sets_the_mirror_flag_on_exactly_the_mirrored_slices(tmp_path):
+    from DoseDiffLib.cli import _inherited_settings
+    from DoseDiffLib.train import TrainLoop
+
+    cache = make_cache(tmp_path, n_patients=2)
+    tcfg = TrainConfig.from_settings(preset="test", steps=1, batch_size=3, val_every=0, threads=1, aug_p=0.0,
+                                     mirror_flag=True, independent_flip=True, beams=True)
+    loop = TrainLoop(cache, tmp_path / "run", tcfg, torch.device("cpu"))
+    ct, ps, ps_ctx, dose = loop.data.batch(np.arange(32) % len(loop.data), tcfg.model)
+    c, k, _, d, _ = loop.inputs(ct, ps, ps_ctx, dose)
+    flag = k[:, -1]
+    assert torch.all((flag == 0) | (flag == 1)) and torch.all(flag.amax((1, 2)) == flag.amin((1, 2)))
+    mirrored = flag[:, 0, 0] == 1
+    assert 0 < int(mirrored.sum()) < 32
+    torch.testing.assert_close(d[mirrored], dose[mirrored].flip(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(d[~mirrored], dose[~mirrored], atol=1e-5, rtol=0)
+    assert tcfg.model.net.cond_channels == k.shape[1] == tcfg.model.conditions.n_channels
+    assert _inherited_settings({"config": {"conditions": {"mirror_flag": True}}}, ["mirror_flag"]) == {"mirror_flag": True}

@@ -103,7 +103,8 @@ class ConditionConfig:
     # A last channel, 1 where the slice is the left-right mirror of a patient, 0 where it is
     # the patient as imaged. Plans need not be mirror-symmetric (the mirrored view of a network
     # that cannot tell puts the parotids' mean doses off by side, README), so a network told
-    # which view it sees can learn both the plan and its mirror image.
+    # which view it sees could learn both the plan and its mirror image (phase 34, 90 minutes,
+    # did not: it became mirror-symmetric instead; README, "Model inputs").
     mirror_flag: bool = False
 
     @property
